@@ -1,0 +1,128 @@
+"""Amazon MASSIVE 1.1, en-US (FitzGerald et al. 2022, CC BY 4.0): utterances and their scenarios.
+
+One JSON object per line; the split is its `partition` field (train 11,514 / dev 2,033 /
+test 2,974), the label its `scenario` (18 of them), or its `intent` (60) with `--labels intent`.
+
+    python -m minibert.data     # puts en-US.jsonl in data/massive/ (MASSIVE_JSONL=... to copy one)
+"""
+
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fetch import DownloadError, check_sha256, download
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PATH = ROOT / "data" / "massive" / "en-US.jsonl"
+JSONL_SHA256 = "c70f75c6a543a26e249ec383df67733ad9b1066f6c0406c2e04a3f03356e407e"
+TARBALL_URL = "https://amazon-massive-nlu-dataset.s3.amazonaws.com/amazon-massive-dataset-1.1.tar.gz"
+TARBALL_SHA256 = "4cba5faa11c71437928e17cb1b9b3d8b8e727e7ea363a3a9a8045e19c0491577"
+TARBALL_MEMBER = "1.1/data/en-US.jsonl"
+
+SCENARIOS = (
+    "alarm", "audio", "calendar", "cooking", "datetime", "email", "general", "iot", "lists",
+    "music", "news", "play", "qa", "recommendation", "social", "takeaway", "transport", "weather",
+)
+SPLITS = ("train", "dev", "test")
+FIELDS = ("partition", "scenario", "intent", "utt")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    scenario: str
+    intent: str
+
+
+@dataclass(frozen=True)
+class Massive:
+    train: list
+    dev: list
+    test: list
+    labels: tuple  # label names; an example's label is its index here
+
+    def split(self, name):
+        return getattr(self, name)
+
+    def label_ids(self, examples, kind):
+        index = {name: i for i, name in enumerate(self.labels)}
+        return [index[getattr(e, kind)] for e in examples]
+
+
+def data_path(path=None):
+    """The jsonl to read: the argument, else $MASSIVE_JSONL, else data/massive/en-US.jsonl."""
+    return Path(path or os.environ.get("MASSIVE_JSONL") or DEFAULT_PATH)
+
+
+def load_massive(path=None, labels="scenario"):
+    """Read and validate the file; every problem is reported with its file and line."""
+    if labels not in ("scenario", "intent"):
+        raise ValueError(f"labels must be 'scenario' or 'intent', not {labels!r}")
+    path = data_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no MASSIVE data here; run `make data` "
+                                "(or set MASSIVE_JSONL=/path/to/en-US.jsonl)")
+    splits = {name: [] for name in SPLITS}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            for field in FIELDS:
+                if not isinstance(record.get(field), str):
+                    raise ValueError(f"{where}: missing or non-string field {field!r}")
+            if record["partition"] not in splits:
+                raise ValueError(f"{where}: unknown partition {record['partition']!r} "
+                                 f"(expected one of {', '.join(SPLITS)})")
+            if record["scenario"] not in SCENARIOS:
+                raise ValueError(f"{where}: unknown scenario {record['scenario']!r}")
+            if not record["intent"].startswith(record["scenario"] + "_"):
+                raise ValueError(f"{where}: intent {record['intent']!r} is not of scenario "
+                                 f"{record['scenario']!r}")
+            splits[record["partition"]].append(Example(record["utt"], record["scenario"], record["intent"]))
+    for name, examples in splits.items():
+        if not examples:
+            raise ValueError(f"{path}: no {name} examples (is the file empty or truncated?)")
+    names = SCENARIOS if labels == "scenario" else tuple(sorted({e.intent for e in splits["train"]}))
+    return Massive(**splits, labels=names)
+
+
+def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBALL_SHA256):
+    """Put a verified en-US.jsonl at `dest`: copied from `source` (or $MASSIVE_JSONL), else
+    extracted from the official tarball, which is verified first."""
+    dest = Path(dest or DEFAULT_PATH)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    source = source or os.environ.get("MASSIVE_JSONL")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        staged = Path(tmp) / dest.name
+        if source:
+            shutil.copyfile(source, staged)
+        else:
+            tarball = download(url, Path(tmp) / "massive.tar.gz", tarball_sha256, timeout=30.0)
+            with tarfile.open(tarball) as tar:
+                member = tar.getmember(TARBALL_MEMBER)
+                with tar.extractfile(member) as src, open(staged, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        check_sha256(staged, JSONL_SHA256, source or f"{url}:{TARBALL_MEMBER}")
+        os.replace(staged, dest)
+    return dest
+
+
+if __name__ == "__main__":
+    try:
+        print(fetch_massive())
+    except (DownloadError, OSError, KeyError) as e:
+        sys.exit(f"minibert: could not put MASSIVE in place: {e}")

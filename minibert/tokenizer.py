@@ -1,0 +1,64 @@
+"""Uncased WordPiece, `[CLS] text [SEP]`, truncated so that [SEP] always stays last."""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+
+class Tokenizer:
+    def __init__(self, backend):
+        self.backend = backend
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.pad_id = backend.token_to_id("[PAD]")
+
+    @classmethod
+    def from_folder(cls, folder):
+        """tokenizer.json when the folder has one, else the same pipeline built from vocab.txt."""
+        folder = Path(folder)
+        if (folder / "tokenizer.json").exists():
+            return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+        if (folder / "vocab.txt").exists():
+            return cls.from_vocab(folder / "vocab.txt")
+        raise ValueError(f"{folder}: neither tokenizer.json nor vocab.txt")
+
+    @classmethod
+    def from_vocab(cls, vocab_txt):
+        vocab = {}
+        with open(vocab_txt, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                vocab[line.rstrip("\n")] = i
+        backend = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        backend.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True,
+                                                        handle_chinese_chars=True, strip_accents=None)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        backend.decoder = decoders.WordPiece()
+        return cls(backend)
+
+    def encode(self, texts, max_len=20):
+        """Texts → lists of ids, each at most max_len long, [CLS] first and [SEP] last."""
+        ids = []
+        for encoding in self.backend.encode_batch(list(texts)):
+            ids.append(encoding.ids if len(encoding.ids) <= max_len
+                       else encoding.ids[: max_len - 1] + encoding.ids[-1:])
+        return ids
+
+    def pad(self, ids):
+        """Lists of ids → input_ids and attention_mask, (B, T) with T the longest in the batch."""
+        T = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        return input_ids, attention_mask
+
+    def __call__(self, texts, max_len=20):
+        return self.pad(self.encode(texts, max_len))
