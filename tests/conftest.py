@@ -1,0 +1,54 @@
+"""Shared fixtures. Weights, data or reference libraries that are missing skip the tests that
+need them, unless MINIBERT_REQUIRE_ASSETS=1 (as in CI), where a missing asset is a failure."""
+
+import importlib.util
+
+import pytest
+
+from minibert.data import data_path
+from minibert.weights import is_complete, load_pretrained
+from tests.cases import minilm_folder, require_assets
+
+
+def need(condition, what):
+    if condition:
+        return
+    if require_assets():
+        pytest.fail(f"{what} is missing and MINIBERT_REQUIRE_ASSETS=1")
+    pytest.skip(f"{what} is missing")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    need(is_complete("all-MiniLM-L6-v2"), "all-MiniLM-L6-v2 (make weights MODEL=all-MiniLM-L6-v2)")
+    return minilm_folder()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir):
+    """(model, tokenizer, config) of the embedded all-MiniLM-L6-v2, in eval mode."""
+    model, tokenizer, config = load_pretrained(str(minilm_dir))
+    return model.eval(), tokenizer, config
+
+
+@pytest.fixture(scope="session")
+def massive_path():
+    path = data_path()
+    need(path.exists(), f"MASSIVE en-US ({path}; make data or MASSIVE_JSONL=...)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def transformers():
+    need(importlib.util.find_spec("transformers") is not None, "transformers (the test extra)")
+    import transformers
+
+    return transformers
+
+
+@pytest.fixture(scope="session")
+def peft():
+    need(importlib.util.find_spec("peft") is not None, "peft (the test extra)")
+    import peft
+
+    return peft
