@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .fetch import DownloadError, check_sha256, download
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,51 @@ class Massive:
     def label_ids(self, examples, kind):
         index = {name: i for i, name in enumerate(self.labels)}
         return [index[getattr(e, kind)] for e in examples]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A split, tokenized once: ids padded to max_len, so a batch is a slice of rows, cut to the
+    longest row it holds (the [CLS] output does not depend on padding beyond that)."""
+
+    input_ids: torch.Tensor  # (N, max_len)
+    lengths: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, index):
+        T = int(self.lengths[index].max())
+        input_ids = self.input_ids[index, :T]
+        attention_mask = (torch.arange(T) < self.lengths[index, None]).long()  # (B, T)
+        return input_ids, attention_mask, self.labels[index]
+
+
+def encode(tokenizer, examples, label_ids, max_len):
+    ids = tokenizer.encode([e.text for e in examples], max_len=max_len)
+    input_ids = torch.full((len(ids), max_len), tokenizer.pad_id, dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row)
+    return Encoded(input_ids, torch.tensor([len(r) for r in ids]), torch.tensor(label_ids))
+
+
+def batch_order(encoded, batch_size, generator, bucket=False):
+    """One epoch's batches as index tensors: a seeded shuffle, cut into batch_size pieces.
+
+    With `bucket`, each run of 50 batches is sorted by length before it is cut, and the batches
+    are shuffled again, so a batch holds sentences of similar length and pads little. The
+    examples seen per epoch are the same; only who shares a batch changes."""
+    order = torch.randperm(len(encoded), generator=generator)
+    if bucket:
+        chunk = 50 * batch_size
+        pieces = []
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            pieces.append(part[torch.argsort(encoded.lengths[part], stable=True)])
+        batches = list(torch.cat(pieces).split(batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+    return list(order.split(batch_size))
 
 
 def data_path(path=None):

@@ -1,0 +1,125 @@
+"""A run folder on disk: what train.py writes and evaluate.py reads back.
+
+    runs/<name>/
+        metrics.jsonl            one line per epoch
+        results.json             the final record: hyperparameters, test metrics, timing
+        model.safetensors        the trained weights (LoRA runs: adapters and head only)
+        model.json               what is needed to rebuild the model: config, labels, head, LoRA
+        tokenizer.json           the tokenizer the run used
+        checkpoint.safetensors   training state after the last completed epoch, for --resume
+
+Every file is written to a temporary name and renamed into place, so a crash never leaves a
+half-written file where a good one was. Nothing is pickled.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "minibert-run/1"
+
+
+def replace_atomically(path, write):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_jsonl(path, rows):
+    replace_atomically(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def save_tensors(path, tensors, metadata=None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path):
+    """→ (tensors, metadata), with errors that name the file."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; is {Path(path).parent} a run folder written by train.py?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def trainable_state(model):
+    """What a run must store: the parameters that train, by name (frozen weights come from the
+    pretrained checkpoint and are not copied into every run)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_into(model, tensors, path, prefix=""):
+    """Copy `tensors` (names under `prefix`) into model parameters; every name must exist and fit."""
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if name not in params:
+            raise ValueError(f"{path}: unexpected key {key!r}: this model has no parameter {name!r}")
+        if params[name].shape != value.shape:
+            raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, "
+                             f"the model needs {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(value)
+
+
+def save_checkpoint(path, model, optimizer, state, averaged=None):
+    """Everything needed to continue training exactly: trainable weights, AdamW moments, the
+    random generator, the weight average, and `state` (epoch, step, history) as metadata."""
+    tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
+    names = {p: name for name, p in model.named_parameters()}
+    for p, moments in optimizer.state.items():
+        for key, value in moments.items():
+            tensors[f"optim.{names[p]}.{key}"] = torch.as_tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    if averaged is not None:
+        tensors.update({f"average.{k}": v for k, v in averaged.state().items()})
+        state = {**state, "n_averaged": averaged.n_averaged}
+    save_tensors(path, tensors, metadata={"state": json.dumps(state)})
+
+
+def load_checkpoint(path, model, optimizer, averaged=None):
+    """Restore what save_checkpoint wrote; returns its `state`."""
+    tensors, metadata = load_tensors(path)
+    state = json.loads(metadata["state"])
+    load_into(model, tensors, path, prefix="model.")
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            name, moment = key[len("optim."):].rsplit(".", 1)
+            # AdamW keeps its step count on the CPU unless it runs fused or captured.
+            keep_on_cpu = moment == "step" and not on_device
+            optimizer.state[params[name]][moment] = value if keep_on_cpu else value.to(device)
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    if averaged is not None and "n_averaged" in state:
+        averaged.load({k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")},
+                      state["n_averaged"])
+    return state
