@@ -34,3 +34,13 @@ test: install
 reference: install
 	$(PY) -m minibert.weights all-MiniLM-L6-v2
 	$(PY) tests/make_reference.py
+
+# ---- the paper's experiments ------------------------------------------------------------------
+RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume
+
+.PHONY: zeroshot baseline
+zeroshot: install data
+	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
+
+baseline: install data
+	$(RUN) --experiment baseline

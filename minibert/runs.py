@@ -20,6 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .classifier import ScenarioClassifier
+from .model import BertConfig, BertModel
+from .tokenizer import Tokenizer
+
 FORMAT = "minibert-run/1"
 
 
@@ -123,3 +127,27 @@ def load_checkpoint(path, model, optimizer, averaged=None):
         averaged.load({k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")},
                       state["n_averaged"])
     return state
+
+
+def load_run(run_dir):
+    """Rebuild a trained classifier from its run folder → (model, tokenizer, meta)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run folder")
+    meta = read_json(run_dir / "model.json")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{run_dir / 'model.json'}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        encoder = BertModel(BertConfig(**meta["encoder"]))
+        model = ScenarioClassifier(encoder, len(meta["labels"]), meta["hidden_dim"], meta["drop_rate"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{run_dir / 'model.json'}: incomplete or wrong field ({e})") from None
+    encoder.name = meta["model"]
+    tensors, _ = load_tensors(run_dir / "model.safetensors")
+    missing = sorted(set(model.state_dict()) - set(tensors))
+    if missing:
+        raise ValueError(f"{run_dir / 'model.safetensors'}: missing key {missing[0]!r}")
+    load_into(model, tensors, run_dir / "model.safetensors")
+    if not (run_dir / "tokenizer.json").exists():
+        raise ValueError(f"{run_dir}: no tokenizer.json")
+    return model.eval(), Tokenizer.from_folder(run_dir), meta

@@ -1,0 +1,107 @@
+"""Evaluate a trained run, the untrained model (zero-shot), or classify a sentence.
+
+    python evaluate.py runs/baseline-all-MiniLM-L6-v2-s0 [--split dev|test]
+    python evaluate.py runs/baseline-all-MiniLM-L6-v2-s0 --predict "wake me up at seven"
+    python evaluate.py --zero-shot --model all-MiniLM-L6-v2      # the paper's experiment 1
+"""
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from minibert.classifier import ScenarioClassifier
+from minibert.data import encode, load_massive
+from minibert.evaluation import confused_pairs, metrics, per_label_accuracy, predict
+from minibert.experiments import TrainConfig
+from minibert.runs import FORMAT, load_run, write_json
+from minibert.weights import load_pretrained
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", nargs="?", help="a run folder written by train.py")
+    p.add_argument("--split", choices=["dev", "test"], default="test")
+    p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
+    p.add_argument("--predict", metavar="TEXT", help="classify one sentence instead")
+    p.add_argument("--zero-shot", action="store_true", help="pretrained encoder, freshly initialised head")
+    p.add_argument("--model", default=None,
+                   help="with --zero-shot: which pretrained model (default auto); with RUN_DIR: "
+                        "the model the run must have been trained from")
+    p.add_argument("--seed", type=int, default=0, help="with --zero-shot: seed of the untrained head")
+    p.add_argument("--out", default=None, help="with --zero-shot: run folder for its results.json")
+    args = p.parse_args(argv)
+    if args.zero_shot == bool(args.run_dir):
+        p.error("give either RUN_DIR or --zero-shot")
+    if args.zero_shot and args.predict:
+        p.error("--predict needs a trained RUN_DIR")
+    return args
+
+
+def report(split_name, logits, labels, names):
+    result = metrics(logits, labels)
+    result["per_label_accuracy"] = per_label_accuracy(logits, labels, names)
+    result["most_confused"] = confused_pairs(logits, labels, names)
+    print(f"{split_name}: loss {result['loss']:.4f} (paper's sum over {result['n_batches']} batches: "
+          f"{result['loss_paper_sum']:.4f}) accuracy {result['accuracy']:.4f} on {result['n']} sentences")
+    for name, acc in sorted(result["per_label_accuracy"].items(), key=lambda kv: kv[1]):
+        print(f"  {name:<16} {acc:.4f}")
+    for pair in result["most_confused"]:
+        print(f"  confused: {pair['true']} → {pair['predicted']} ({pair['count']}×)")
+    return result
+
+
+def zero_shot(args):
+    """The paper's experiment 1: no training at all, so accuracy lands near chance (1/18)."""
+    config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed, epochs=0)
+    data = load_massive(args.data)
+    torch.manual_seed(config.seed)
+    encoder, tokenizer, _ = load_pretrained(config.model)
+    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate)
+    test = encode(tokenizer, data.test, data.label_ids(data.test, "scenario"), config.max_len)
+    result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
+    run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}-s{config.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "results.json", {
+        "format": FORMAT, "experiment": "zeroshot", "model": encoder.name, "model_requested": config.model,
+        "hyperparameters": config.to_dict(), "seed": config.seed, "device": "cpu", "precision": "fp32",
+        "torch": torch.__version__, "python": platform.python_version(), "test": result,
+        "dev_accuracy_per_epoch": [], "wall_seconds": 0.0,
+        "command": "python " + " ".join(sys.argv),
+    })
+    print(f"wrote {run_dir}/results.json")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.zero_shot:
+        return zero_shot(args)
+    try:
+        model, tokenizer, meta = load_run(args.run_dir)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: {e}")
+    if args.model and args.model != meta["model"]:
+        sys.exit(f"evaluate.py: {args.run_dir} was trained from {meta['model']}, not {args.model}")
+    if args.predict:
+        input_ids, attention_mask = tokenizer([args.predict], max_len=meta["max_len"])
+        with torch.no_grad():
+            probs = model(input_ids, attention_mask).softmax(-1)[0]
+        p, i = probs.max(0)
+        print(f"{meta['labels'][i]} ({p:.3f})")
+        return
+    data = load_massive(args.data, labels=meta["label_kind"])
+    if list(data.labels) != meta["labels"]:
+        sys.exit(f"evaluate.py: the run's {len(meta['labels'])} labels do not match the data's "
+                 f"{len(data.labels)} {meta['label_kind']} labels")
+    examples = data.split(args.split)
+    encoded = encode(tokenizer, examples, data.label_ids(examples, meta["label_kind"]), meta["max_len"])
+    logits = predict(model, encoded, torch.device("cpu"))
+    result = report(args.split, logits, encoded.labels, data.labels)
+    write_json(Path(args.run_dir) / f"eval-{args.split}.json", {"model": meta["model"], **result})
+    print(f"wrote {Path(args.run_dir) / f'eval-{args.split}.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""train.py and evaluate.py end to end, on a small slice of MASSIVE with the embedded model."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train
+from minibert.runs import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args(data, out, *extra):
+    return ["--model", "all-MiniLM-L6-v2", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--log-every", "2", *extra]
+
+
+def outcome(run_dir):
+    """What must be identical between two runs: every metric but the clock."""
+    results = read_json(run_dir / "results.json")
+    history = [{k: v for k, v in row.items() if "second" not in k}
+               for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    return results["test"], history
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_massive, minilm_dir, tmp_path_factory):
+    return train.main(args(small_massive, tmp_path_factory.mktemp("runs") / "a"))
+
+
+def test_run_folder_is_complete(finished_run):
+    names = {p.name for p in finished_run.iterdir()}
+    assert {"results.json", "metrics.jsonl", "model.safetensors", "model.json", "tokenizer.json"} <= names
+    assert "checkpoint.safetensors" not in names  # finished: the training state is cleaned up
+    results = read_json(finished_run / "results.json")
+    assert results["model"] == "all-MiniLM-L6-v2" and results["hyperparameters"]["epochs"] == 3
+    assert len(results["dev_accuracy_per_epoch"]) == 3
+    assert results["test"]["n_batches"] == 3  # 48 sentences in the paper's batches of 16
+    assert results["trainable_params"] == results["all_params"] == 22_713_216
+
+
+def test_same_seed_same_metrics(finished_run, small_massive, tmp_path):
+    again = train.main(args(small_massive, tmp_path / "b"))
+    assert outcome(again) == outcome(finished_run)
+
+
+def test_killed_mid_epoch_then_resumed_ends_identically(finished_run, small_massive, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-u", str(ROOT / "train.py"), *args(small_massive, out, "--log-every", "1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 2/3 step 3/6"):  # half-way through the second epoch
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    train.main(args(small_massive, out, "--resume"))
+    assert outcome(out) == outcome(finished_run)
+
+
+def test_evaluate_reproduces_the_recorded_accuracy(finished_run, small_massive, capsys):
+    evaluate.main([str(finished_run), "--split", "test", "--data", str(small_massive)])
+    assert read_json(finished_run / "eval-test.json")["accuracy"] == read_json(finished_run / "results.json")["test"]["accuracy"]
+    assert "most_confused" in read_json(finished_run / "eval-test.json")
+    evaluate.main([str(finished_run), "--predict", "wake me up at seven"])
+    label, probability = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert label in read_json(finished_run / "model.json")["labels"] and 0 < float(probability.strip("()")) <= 1
+
+
+def test_zero_shot_lands_near_chance(small_massive, minilm_dir, tmp_path):
+    evaluate.main(["--zero-shot", "--model", "all-MiniLM-L6-v2", "--data", str(small_massive), "--out", str(tmp_path)])
+    results = read_json(tmp_path / "results.json")
+    assert results["experiment"] == "zeroshot" and results["test"]["accuracy"] < 0.3
+
+
+def test_existing_run_is_not_overwritten(finished_run, small_massive):
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(args(small_massive, finished_run))
+
+
+def test_resume_with_other_hyperparameters_is_refused(small_massive, minilm_dir, tmp_path, monkeypatch):
+    stop_after_first_epoch(monkeypatch)
+    with pytest.raises(SystemExit, match="interrupted"):
+        train.main(args(small_massive, tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"other hyperparameters \(lr: 0.0001 → 0.001\)"):
+        train.main(args(small_massive, tmp_path, "--resume", "--lr", "1e-3"))
+
+
+def stop_after_first_epoch(monkeypatch):
+    real = train.save_checkpoint
+
+    def save_then_stop(*a, **k):
+        real(*a, **k)
+        raise SystemExit("interrupted")
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(small_massive, minilm_dir, tmp_path, monkeypatch):
+    real, calls = train.F.cross_entropy, []
+
+    def poisoned(logits, labels, **kwargs):
+        calls.append(1)
+        loss = real(logits, labels, **kwargs)
+        return loss * float("nan") if len(calls) > 8 else loss  # epoch 2, step 3
+
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    with pytest.raises(SystemExit, match=r"loss became nan at epoch 2.*checkpoint of epoch 1 is kept"):
+        train.main(args(small_massive, tmp_path))
+    assert (tmp_path / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_flags_and_run_folders(finished_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--epochs", "three"])
+    assert e.value.code == 2 and "invalid int value: 'three'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="model.json: missing; is .* a run folder"):
+        evaluate.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="was trained from all-MiniLM-L6-v2, not bert-base-uncased"):
+        evaluate.main([str(finished_run), "--model", "bert-base-uncased"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("model.json", "tokenizer.json"):
+        (broken / name).write_bytes((finished_run / name).read_bytes())
+    with pytest.raises(SystemExit, match="model.safetensors: cannot read"):
+        evaluate.main([str(broken)])
+
+
+def test_label_map_must_match_the_data(finished_run, small_massive, tmp_path):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for p in finished_run.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    meta = read_json(copy / "model.json")
+    meta["labels"] = meta["labels"][::-1]
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="labels do not match"):
+        evaluate.main([str(copy), "--data", str(small_massive)])
+
+
+def test_device_and_precision_are_chosen_once():
+    assert train.pick_device("cpu") == torch.device("cpu")
+    name, autocast, scaler = train.pick_precision(torch.device("cpu"), None)
+    assert name == "fp32" and scaler is None
+    name, autocast, _ = train.pick_precision(torch.device("cpu"), "bf16")
+    with autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
