@@ -32,6 +32,7 @@ test: install
 	$(PY) -m pytest
 
 reference: install
+	$(PY) -m pip install -e '.[reference]'
 	$(PY) -m minibert.weights all-MiniLM-L6-v2
 	$(PY) tests/make_reference.py
 

@@ -120,5 +120,118 @@ def require_assets():
     return os.environ.get("MINIBERT_REQUIRE_ASSETS") == "1"
 
 
+SCHEDULES = [(0, 10), (3, 10), (4, 4), (0, 1), (7, 20), (12, 9)]  # (warmup, total)
+
+
+def schedule_reference():
+    """transformers' get_linear_schedule_with_warmup: the multiplier before each optimizer step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    out = {}
+    for warmup, total in SCHEDULES:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        values = []
+        for _ in range(total + 3):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        out[f"w{warmup}_t{total}"] = torch.tensor(values, dtype=torch.float64)
+    return out
+
+
+SWALR_CASES = [(1e-4, 1e-5, 5, "cos"), (3e-5, 1e-5, 3, "linear"), (1e-3, 5e-4, 1, "cos")]
+
+
+def swa_model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3))
+
+
+def swa_reference():
+    """torch.optim.swa_utils: AveragedModel over 4 snapshots, and SWALR's rates."""
+    from torch.optim.swa_utils import SWALR, AveragedModel
+
+    model = swa_model()
+    averaged = AveragedModel(model)
+    out = {}
+    for k in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        out.update({f"snapshot{k}.{n}": p.detach().clone() for n, p in model.named_parameters()})
+        averaged.update_parameters(model)
+    out.update({f"average.{n}": p.detach().clone() for n, p in averaged.module.named_parameters()})
+    for i, (start, swa_lr, anneal_epochs, strategy) in enumerate(SWALR_CASES):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=start)
+        scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal_epochs, anneal_strategy=strategy)
+        values = []
+        for _ in range(8):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        out[f"swalr{i}"] = torch.tensor(values, dtype=torch.float64)
+    return out
+
+
+LORA = {"r": 4, "alpha": 8, "targets": ("query", "value")}
+
+
+def lora_reference():
+    """peft's LoRA on the tiny_odd checkpoint with random (non-zero) A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertModel
+
+    hf = BertModel.from_pretrained(REFERENCE / "tiny_odd")
+    peft_model = get_peft_model(hf, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                               target_modules=list(LORA["targets"])))
+    torch.manual_seed(5)
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and isinstance(module.lora_A, torch.nn.ModuleDict):
+            layer = name.split("encoder.layer.")[1].split(".")[0]
+            target = name.rsplit(".", 1)[1]
+            with torch.no_grad():
+                module.lora_A["default"].weight.normal_()
+                module.lora_B["default"].weight.normal_(std=0.1)
+            out[f"layers.{layer}.{target}.lora_A"] = module.lora_A["default"].weight.detach().clone()
+            out[f"layers.{layer}.{target}.lora_B"] = module.lora_B["default"].weight.detach().clone()
+    inputs = tiny_inputs(TINY[0])
+    with torch.no_grad():
+        result = peft_model.eval()(**inputs)
+    out["last_hidden_state"] = result.last_hidden_state.contiguous()
+    out["trainable"] = torch.tensor(sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
+    out["all"] = torch.tensor(sum(p.numel() for p in peft_model.parameters()))
+    return {**out, **inputs}
+
+
+def contrastive_features():
+    torch.manual_seed(7)
+    features = torch.nn.functional.normalize(torch.randn(12, 2, 16), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 4, 0, 1, 4])
+    single = torch.nn.functional.normalize(torch.randn(10, 1, 16), dim=-1)
+    single_labels = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5, 6, 7])  # six anchors have no positive
+    return {"features": features, "labels": labels, "single": single, "single_labels": single_labels}
+
+
+def supcon_reference():
+    """pytorch-metric-learning's SupConLoss and NTXentLoss, an implementation independent of the
+    authors'. It takes (N, D) embeddings: the views are flattened view-major with labels tiled."""
+    from pytorch_metric_learning.losses import NTXentLoss, SupConLoss
+
+    out = contrastive_features()
+    flat = torch.cat(torch.unbind(out["features"], dim=1))
+    sentence = torch.arange(len(out["labels"])).repeat(2)
+    out["pml_supcon"] = SupConLoss(temperature=0.07)(flat, out["labels"].repeat(2)).detach()
+    out["pml_ntxent"] = NTXentLoss(temperature=0.07)(flat, sentence).detach()
+    out["pml_supcon_single"] = SupConLoss(temperature=0.07)(out["single"][:, 0], out["single_labels"]).detach()
+    return out
+
+
 # Reference files beyond the encoder's: name → function returning a dict of tensors.
-EXTRA_REFERENCES = {}
+EXTRA_REFERENCES = {
+    "schedule": schedule_reference,
+    "swa": swa_reference,
+    "lora": lora_reference,
+    "supcon": supcon_reference,
+}

@@ -1,0 +1,58 @@
+"""Stochastic Weight Averaging (Izmailov et al. 2018): average the weights visited late in
+training, and anneal the learning rate towards a constant `swa_lr` while doing so.
+
+Semantics follow torch.optim.swa_utils: AveragedModel's equal-weight running mean and SWALR's
+annealing. One thing SWA usually needs, re-estimating BatchNorm statistics for the averaged
+weights (`update_bn`), does not apply: BERT normalises with LayerNorm, which computes its
+statistics from each input and keeps no running averages, so the averaged model is ready as is.
+"""
+
+import math
+
+import torch
+
+
+class WeightAverage:
+    """The running mean of a model's trainable parameters over the updates so far.
+
+    The first update copies the weights; the n+1-th moves the mean a 1/(n+1) step towards them:
+    avg ← avg + (w - avg) / (n + 1). Frozen parameters equal their own mean and are left alone;
+    BERT keeps no buffers to copy."""
+
+    def __init__(self, model):
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.average = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
+        self.n_averaged = 0
+
+    @torch.no_grad()
+    def update(self):
+        for name, p in self.params.items():
+            if self.n_averaged == 0:
+                self.average[name].copy_(p)
+            else:
+                self.average[name].add_((p.float() - self.average[name]) / (self.n_averaged + 1))
+        self.n_averaged += 1
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        """Overwrite the model's weights with the average (done once, at the end of training)."""
+        for name, p in self.params.items():
+            p.copy_(self.average[name])
+
+    def state(self):
+        return self.average
+
+    def load(self, tensors, n_averaged):
+        for name, value in tensors.items():
+            self.average[name].copy_(value)
+        self.n_averaged = n_averaged
+
+
+def swa_lr(k, start_lr, swa_lr, anneal_epochs, strategy="cos"):
+    """Learning rate after k annealing steps (one per epoch once SWA has started), going from
+    `start_lr`, the rate when SWA began, to `swa_lr` over `anneal_epochs` steps: torch's SWALR."""
+    if anneal_epochs < 1:
+        raise ValueError("anneal_epochs must be at least 1")
+    t = min(1.0, k / anneal_epochs)
+    alpha = (1 - math.cos(math.pi * t)) / 2 if strategy == "cos" else t
+    return swa_lr * alpha + start_lr * (1 - alpha)
