@@ -21,8 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import ScenarioClassifier
+from .lora import apply_lora
 from .model import BertConfig, BertModel
 from .tokenizer import Tokenizer
+from .weights import load_pretrained
 
 FORMAT = "minibert-run/1"
 
@@ -105,16 +107,26 @@ def save_checkpoint(path, model, optimizer, state, averaged=None):
     save_tensors(path, tensors, metadata={"state": json.dumps(state)})
 
 
+def checkpoint_state(path):
+    """The `state` of a checkpoint alone, without loading its tensors."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {})["state"])
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a training checkpoint ({e})") from None
+
+
 def load_checkpoint(path, model, optimizer, averaged=None):
-    """Restore what save_checkpoint wrote; returns its `state`."""
+    """Restore what save_checkpoint wrote (the optimizer's moments only if `optimizer` is
+    given); returns its `state`."""
     tensors, metadata = load_tensors(path)
     state = json.loads(metadata["state"])
     load_into(model, tensors, path, prefix="model.")
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
-    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    on_device = optimizer is not None and (optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
     for key, value in tensors.items():
-        if key.startswith("optim."):
+        if key.startswith("optim.") and optimizer is not None:
             name, moment = key[len("optim."):].rsplit(".", 1)
             # AdamW keeps its step count on the CPU unless it runs fused or captured.
             keep_on_cpu = moment == "step" and not on_device
@@ -138,13 +150,22 @@ def load_run(run_dir):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{run_dir / 'model.json'}: format {meta.get('format')!r}, expected {FORMAT!r}")
     try:
-        encoder = BertModel(BertConfig(**meta["encoder"]))
+        if meta["lora"]:
+            # Adapters and head only: the frozen weights are the pretrained model's.
+            encoder, _, _ = load_pretrained(meta["model"])
+            if encoder.config.to_dict() != meta["encoder"]:
+                raise ValueError(f"{run_dir}: the pretrained {meta['model']} found now is not the one trained")
+            lora = meta["lora"]
+            apply_lora(encoder, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
+        else:
+            encoder = BertModel(BertConfig(**meta["encoder"]))
+            encoder.name = meta["model"]
         model = ScenarioClassifier(encoder, len(meta["labels"]), meta["hidden_dim"], meta["drop_rate"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{run_dir / 'model.json'}: incomplete or wrong field ({e})") from None
-    encoder.name = meta["model"]
     tensors, _ = load_tensors(run_dir / "model.safetensors")
-    missing = sorted(set(model.state_dict()) - set(tensors))
+    expected = trainable_state(model) if meta["lora"] else model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"{run_dir / 'model.safetensors'}: missing key {missing[0]!r}")
     load_into(model, tensors, run_dir / "model.safetensors")

@@ -50,19 +50,76 @@ def test_same_seed_same_metrics(finished_run, small_massive, tmp_path):
     assert outcome(again) == outcome(finished_run)
 
 
-def test_killed_mid_epoch_then_resumed_ends_identically(finished_run, small_massive, tmp_path):
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-u", str(ROOT / "train.py"), *args(small_massive, out, "--log-every", "1")]
+def kill_at(cmd, line_start):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if line.startswith("epoch 2/3 step 3/6"):  # half-way through the second epoch
+        if line.startswith(line_start):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, f"never saw {line_start!r}"
+
+
+def test_killed_mid_epoch_then_resumed_ends_identically(finished_run, small_massive, tmp_path):
+    out = tmp_path / "killed"
+    kill_at([sys.executable, "-u", str(ROOT / "train.py"), *args(small_massive, out, "--log-every", "1")],
+            "epoch 2/3 step 3/6")  # half-way through the second epoch
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     train.main(args(small_massive, out, "--resume"))
     assert outcome(out) == outcome(finished_run)
+
+
+@pytest.mark.parametrize("experiment, extra, kill", [
+    # killed in the first classifier epoch, right after the contrastive stage's last checkpoint
+    ("simclr", ["--epochs", "2", "--contrastive-epochs", "2"], "epoch 3/4 step 2/6"),
+    # killed after SWA has averaged one epoch: the average must come back too
+    ("both", ["--epochs", "4"], "epoch 4/4 step 2/6"),
+    ("lora20", ["--epochs", "2"], "epoch 2/2 step 2/6"),
+])
+def test_resume_restores_every_kind_of_state(experiment, extra, kill, small_massive, minilm_dir, tmp_path):
+    common = [*args(small_massive, tmp_path / "x"), "--experiment", experiment, *extra, "--log-every", "1"]
+    whole = train.main([*common[:common.index("--out")], "--out", str(tmp_path / "whole"),
+                        *common[common.index("--out") + 2:]])
+    killed = tmp_path / "x"
+    kill_at([sys.executable, "-u", str(ROOT / "train.py"), *common], kill)
+    train.main([*common, "--resume"])
+    assert outcome(killed) == outcome(whole)
+
+
+def test_presets_record_what_they_did(small_massive, minilm_dir, tmp_path):
+    swa = read_json(train.main([*args(small_massive, tmp_path / "swa"), "--experiment", "swa", "--epochs", "4"]) / "results.json")
+    assert swa["swa"]["n_averaged"] == 1  # epochs 4: SWA starts at int(0.75 · 4) = 3, the last epoch
+    lora = train.main([*args(small_massive, tmp_path / "lora"), "--experiment", "lora30", "--epochs", "1"])
+    results = read_json(lora / "results.json")
+    assert results["trainable_params"] == 9_216 * 30  # 2 · r · 384 · 2 modules · 6 layers
+    assert results["all_params"] == 22_713_216 + 9_216 * 30
+    # The adapters and the head are saved together, and reloading predicts the same.
+    evaluate.main([str(lora), "--data", str(small_massive)])
+    again = read_json(lora / "eval-test.json")
+    assert (again["accuracy"], again["loss"]) == (results["test"]["accuracy"], results["test"]["loss"])
+    probe = read_json(train.main([*args(small_massive, tmp_path / "probe"), "--experiment", "supcon",
+                                  "--epochs", "1", "--stage2", "probe"]) / "results.json")
+    assert len(probe["contrastive_loss_per_epoch"]) == 1 and len(probe["dev_accuracy_per_epoch"]) == 1
+
+
+def test_learning_rate_schedules():
+    from minibert.experiments import PRESETS
+    from minibert.schedule import linear_warmup
+    from minibert.swa import swa_lr
+
+    steps = 100
+    scheduler = PRESETS["scheduler"]
+    assert [train.learning_rate(scheduler, s // steps, s, steps) for s in range(0, 1000, 37)] == \
+        [1e-4 * linear_warmup(s, 0, 1000) for s in range(0, 1000, 37)]
+    swa = PRESETS["swa"]
+    assert train.learning_rate(swa, 6, 699, steps) == 1e-4
+    assert [train.learning_rate(swa, e, e * steps, steps) for e in (7, 8, 9)] == \
+        [swa_lr(k, 1e-4, 1e-5, 5, "cos") for k in (0, 1, 2)]
+    both = PRESETS["both"]
+    handover = 1e-4 * linear_warmup(700, 0, 1000)  # the linear schedule's rate when SWA starts
+    assert train.learning_rate(both, 6, 650, steps) == pytest.approx(1e-4 * linear_warmup(650, 0, 1000))
+    assert train.learning_rate(both, 7, 750, steps) == pytest.approx(handover)
+    assert train.learning_rate(both, 9, 950, steps) == pytest.approx(swa_lr(2, handover, 1e-5, 5, "cos"))
 
 
 def test_evaluate_reproduces_the_recorded_accuracy(finished_run, small_massive, capsys):
