@@ -14,6 +14,7 @@ import torch
 
 from minibert.classifier import ScenarioClassifier
 from minibert.data import encode, load_massive
+from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import confused_pairs, metrics, per_label_accuracy, predict
 from minibert.experiments import TrainConfig
 from minibert.runs import FORMAT, load_run, write_json
@@ -27,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
     p.add_argument("--predict", metavar="TEXT", help="classify one sentence instead")
     p.add_argument("--zero-shot", action="store_true", help="pretrained encoder, freshly initialised head")
+    p.add_argument("--embeddings", action="store_true",
+                   help="analyse the [CLS] embeddings: alignment, uniformity, k-NN accuracy, PCA picture")
     p.add_argument("--model", default=None,
                    help="with --zero-shot: which pretrained model (default auto); with RUN_DIR: "
                         "the model the run must have been trained from")
@@ -35,8 +38,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.run_dir):
         p.error("give either RUN_DIR or --zero-shot")
-    if args.zero_shot and args.predict:
-        p.error("--predict needs a trained RUN_DIR")
+    if args.predict and (args.zero_shot or args.embeddings):
+        p.error("--predict needs a trained RUN_DIR and nothing else")
     return args
 
 
@@ -53,6 +56,29 @@ def report(split_name, logits, labels, names):
     return result
 
 
+def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
+    """The representation analysis on the test split, against the training split for k-NN."""
+    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), "scenario"), max_len)
+              for name in ("train", "test")}
+    z = {name: embed(model, encoded) for name, encoded in splits.items()}
+    labels = {name: encoded.labels for name, encoded in splits.items()}
+    result = {
+        "alignment": alignment(z["test"], labels["test"]),
+        "uniformity": uniformity(z["test"]),
+        "knn_accuracy": knn_accuracy(z["train"], labels["train"], z["test"], labels["test"], k=10),
+    }
+    print(f"embeddings ({title}): alignment {result['alignment']:.4f} uniformity {result['uniformity']:.4f} "
+          f"10-NN accuracy {result['knn_accuracy']:.4f}")
+    picture = Path(out_dir) / "embeddings-pca.png"
+    if plot(pca_2d(z["test"]), labels["test"], data.labels, picture, f"[CLS] embeddings, test split: {title}"):
+        result["picture"] = picture.name
+        print(f"wrote {picture}")
+    else:
+        print("matplotlib is not installed (pip install -e '.[plot]'): no picture, numbers above")
+    write_json(Path(out_dir) / "embeddings.json", result)
+    return result
+
+
 def zero_shot(args):
     """The paper's experiment 1: no training at all, so accuracy lands near chance (1/18)."""
     config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed, epochs=0)
@@ -64,6 +90,8 @@ def zero_shot(args):
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
     run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}-s{config.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.embeddings:
+        analyse_embeddings(model, tokenizer, data, config.max_len, run_dir, f"pretrained {encoder.name}")
     write_json(run_dir / "results.json", {
         "format": FORMAT, "experiment": "zeroshot", "model": encoder.name, "model_requested": config.model,
         "hyperparameters": config.to_dict(), "seed": config.seed, "device": "cpu", "precision": "fp32",
@@ -95,6 +123,9 @@ def main(argv=None):
     if list(data.labels) != meta["labels"]:
         sys.exit(f"evaluate.py: the run's {len(meta['labels'])} labels do not match the data's "
                  f"{len(data.labels)} {meta['label_kind']} labels")
+    if args.embeddings:
+        analyse_embeddings(model, tokenizer, data, meta["max_len"], args.run_dir, Path(args.run_dir).name)
+        return
     examples = data.split(args.split)
     encoded = encode(tokenizer, examples, data.label_ids(examples, meta["label_kind"]), meta["max_len"])
     logits = predict(model, encoded, torch.device("cpu"))

@@ -211,3 +211,16 @@ def test_device_and_precision_are_chosen_once():
     name, autocast, _ = train.pick_precision(torch.device("cpu"), "bf16")
     with autocast():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_embedding_analysis_with_and_without_matplotlib(finished_run, small_massive, monkeypatch, capsys):
+    evaluate.main([str(finished_run), "--embeddings", "--data", str(small_massive)])
+    result = read_json(finished_run / "embeddings.json")
+    assert 0 <= result["alignment"] <= 4 and result["uniformity"] <= 0 and 0 <= result["knn_accuracy"] <= 1
+    assert (finished_run / "embeddings-pca.png").stat().st_size > 1000
+    (finished_run / "embeddings-pca.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    evaluate.main([str(finished_run), "--embeddings", "--data", str(small_massive)])
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert read_json(finished_run / "embeddings.json")["knn_accuracy"] == result["knn_accuracy"]
+    assert not (finished_run / "embeddings-pca.png").exists()
