@@ -37,11 +37,28 @@ reference: install
 	$(PY) tests/make_reference.py
 
 # ---- the paper's experiments ------------------------------------------------------------------
+# Each target trains one preset of minibert/experiments.py and leaves runs/<experiment>-<model>-s<seed>/.
+# A finished run is reused; an interrupted one resumes from its last epoch.
 RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume
+EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best
 
-.PHONY: zeroshot baseline
+.PHONY: zeroshot $(EXPERIMENTS) paper bench
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
-baseline: install data
-	$(RUN) --experiment baseline
+$(EXPERIMENTS): install data
+	$(RUN) --experiment $@
+
+# Every experiment for SEEDS seeds, then runs/paper/<model>-e<epochs>/report.md and figures.
+SEEDS ?= 3
+PAPER_DIR = runs/paper/$(MODEL)-e$(EPOCHS)
+paper: install data
+	set -e; for seed in $$(seq 0 $$(($(SEEDS) - 1))); do \
+	  test -f $(PAPER_DIR)/zeroshot-s$$seed/results.json || \
+	    $(PY) evaluate.py --zero-shot --model $(MODEL) --seed $$seed --out $(PAPER_DIR)/zeroshot-s$$seed; \
+	  for experiment in baseline scheduler swa both lora20 lora30 supcon simclr; do \
+	    $(PY) train.py --experiment $$experiment --model $(MODEL) --epochs $(EPOCHS) --seed $$seed \
+	      --device $(DEVICE) --out $(PAPER_DIR)/$$experiment-s$$seed --resume; \
+	  done; \
+	done
+	$(PY) -m minibert.report $(PAPER_DIR)
