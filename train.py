@@ -10,6 +10,7 @@ Records go to runs/<experiment>-<model>-s<seed>/ (see minibert/runs.py).
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -17,9 +18,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from minibert.classifier import ContrastiveModel, ScenarioClassifier
 from minibert.data import batch_order, encode, load_massive
@@ -102,6 +104,18 @@ def pick_device(name):
     return torch.device(name)
 
 
+def setup_distributed(device):
+    """→ (rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    between GPUs, gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
 def pick_precision(device, name):
     """→ (name, autocast factory, gradient scaler or None). Decided once; model code never asks."""
     if name is None:
@@ -121,6 +135,14 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"train.py: {e}")
     device = pick_device(args.device)
+    rank, world = setup_distributed(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    main_process = rank == 0
+    log = print if main_process else (lambda *a, **k: None)
+    if world > 1 and config.stage1_epochs:
+        sys.exit("train.py: the contrastive stage runs in one process only (its negatives would be "
+                 "split across processes)")
     precision, autocast, scaler = pick_precision(device, args.precision)
 
     # ---- data, model, run folder -------------------------------------------------------------
@@ -134,6 +156,8 @@ def main(argv=None):
     # Everything that trains, under one name space for checkpoints (the encoder is shared).
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
     trained.to(device)
+    # Under torchrun every process holds a replica; DDP averages the gradients in backward.
+    forward = DistributedDataParallel(model) if world > 1 else model
     train, dev, test = (encode(tokenizer, split, data.label_ids(split, config.labels), config.max_len)
                         for split in (data.train, data.dev, data.test))
     run_dir = Path(args.out or f"runs/{config.experiment}-{Path(encoder.name).name}-s{config.seed}")
@@ -158,10 +182,10 @@ def main(argv=None):
         except ValueError as e:
             sys.exit(f"train.py: cannot resume: {e}")
         step, history = state["step"], state["history"]
-        print(f"resuming {run_dir} after epoch {start_epoch}")
-    print(f"{config.experiment}: {encoder.name}, {len(data.labels)} labels, {len(train)} train sentences, "
+        log(f"resuming {run_dir} after epoch {start_epoch}")
+    log(f"{config.experiment}: {encoder.name}, {len(data.labels)} labels, {len(train)} train sentences, "
           f"{steps_per_epoch} steps/epoch, {stage1} contrastive + {config.epochs} classifier epochs, "
-          f"{device.type} {precision}")
+          f"{device.type} {precision}" + (f", {world} processes" if world > 1 else ""))
 
     # ---- the loop: forward, loss, backward, clip, step, schedule, log ------------------------
     for epoch in range(start_epoch, stage1 + config.epochs):
@@ -175,6 +199,9 @@ def main(argv=None):
         # The shuffle depends on (seed, epoch) alone, so a resumed run sees the same batches.
         order = batch_order(train, config.batch_size, torch.Generator().manual_seed(config.seed * 1000 + epoch),
                             bucket=config.bucket)
+        # Dropout draws from a stream fixed by (seed, epoch, process), so a resumed run, which
+        # restarts at an epoch boundary, draws exactly what the uninterrupted run drew.
+        torch.manual_seed(config.seed * 1000 + epoch + 1_000_003 * rank)
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -183,17 +210,23 @@ def main(argv=None):
             lr = config.lr if contrastive_stage else learning_rate(config, epoch - stage1, (epoch - stage1) * steps_per_epoch + i - 1, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            input_ids, attention_mask, labels = (t.to(device, non_blocking=True) for t in train.batch(index))
+            # Each process takes every world-th sentence of the batch: its shard of the epoch.
+            input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
+                                                 for t in train.batch(index[rank::world]))
             with autocast():
                 if contrastive_stage:
                     views = contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
                     loss = supcon_loss(views, labels if config.loss == "supcon" else None,
                                        config.temperature, config.temperature)
                 else:
-                    with torch.no_grad() if probe else nullcontext():
-                        cls = model.embed(input_ids, attention_mask)
-                    logits = model.head(model.dropout(cls))
-                    loss = F.cross_entropy(logits.float(), labels)
+                    if probe:
+                        with torch.no_grad():
+                            cls = model.embed(input_ids, attention_mask)
+                        logits = model.head(model.dropout(cls))
+                    else:
+                        logits = forward(input_ids, attention_mask)
+                    # The mean over the whole batch; DDP divides the summed gradients by world.
+                    loss = F.cross_entropy(logits.float(), labels, reduction="sum") * world / len(index)
             optimizer.zero_grad(set_to_none=True)
             if scaler:
                 scaler.scale(loss).backward()
@@ -217,7 +250,7 @@ def main(argv=None):
                 mean_loss = check_finite(loss_sum.item() / i, epoch, i, run_dir)
                 rate = window / (time.perf_counter() - window_start)
                 eta = (len(order) - i) * config.batch_size / rate
-                print(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
+                log(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
                       f"lr {lr:.2e} {rate:.1f} samples/s epoch ETA {eta:.0f}s", flush=True)
                 window, window_start = 0, time.perf_counter()
         train_seconds = time.perf_counter() - started
@@ -227,26 +260,33 @@ def main(argv=None):
             if average is not None and epoch - stage1 >= swa_start_epoch(config):
                 average.update()
             dev_metrics = evaluate(model, dev, device, autocast)
+            if world > 1:
+                dist.all_reduce(correct)
             row.update(train_accuracy=correct.item() / len(train), dev_loss=dev_metrics["loss"],
                        dev_accuracy=dev_metrics["accuracy"])
         row.update(train_seconds=train_seconds, samples_per_second=len(train) / train_seconds,
                    wall_seconds=time.perf_counter() - started)
         history.append(row)
-        print(f"epoch {epoch + 1} ({row['stage']}): " + " ".join(
+        log(f"epoch {epoch + 1} ({row['stage']}): " + " ".join(
             f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_l", "train_a", "dev_"))), flush=True)
-        write_jsonl(run_dir / "metrics.jsonl", history)
-        save_checkpoint(checkpoint, trained, optimizer, averaged=average,
-                        state={"epoch": epoch + 1, "step": step, "history": history, "config": config.to_dict()})
+        if main_process:  # replicas are identical: one process writes
+            write_jsonl(run_dir / "metrics.jsonl", history)
+            save_checkpoint(checkpoint, trained, optimizer, averaged=average,
+                            state={"epoch": epoch + 1, "step": step, "history": history, "config": config.to_dict()})
 
     # ---- test, and the records ---------------------------------------------------------------
     swa_dev = None
     if average is not None and average.n_averaged:
         average.copy_to_model()  # the averaged weights are the ones evaluated and saved
         swa_dev = evaluate(model, dev, device, autocast)
-        print(f"SWA average of {average.n_averaged} epochs: dev accuracy {swa_dev['accuracy']:.4f}")
+        log(f"SWA average of {average.n_averaged} epochs: dev accuracy {swa_dev['accuracy']:.4f}")
     test_metrics = evaluate(model, test, device, autocast)
-    print(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
+    log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
           f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
+    if world > 1:
+        dist.destroy_process_group()
+    if not main_process:
+        return run_dir
     save_model(run_dir, model, tokenizer, data.labels, config)
     classifier_rows = [h for h in history if h["stage"] == "classifier"]
     write_json(run_dir / "results.json", {
@@ -256,7 +296,7 @@ def main(argv=None):
         "model_requested": config.model,
         "hyperparameters": config.to_dict(),
         "seed": config.seed,
-        "device": device_name(device),
+        "device": device_name(device) + (f" × {world} processes" if world > 1 else ""),
         "precision": precision,
         "torch": torch.__version__,
         "python": platform.python_version(),

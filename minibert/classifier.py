@@ -11,6 +11,10 @@ class ScenarioClassifier(nn.Module):
     def __init__(self, encoder, n_labels, hidden_dim=10, drop_rate=0.9):
         super().__init__()
         self.encoder = encoder
+        if encoder.pooler is not None:
+            # The paper's model reads the [CLS] hidden state, not the pooled output: the pooler
+            # gets no gradient, so it is frozen rather than handed to the optimizer.
+            encoder.pooler.requires_grad_(False)
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Sequential(
             nn.Linear(encoder.config.hidden_size, hidden_dim),

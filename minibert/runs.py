@@ -91,16 +91,13 @@ def load_into(model, tensors, path, prefix=""):
 
 def save_checkpoint(path, model, optimizer, state, averaged=None):
     """Everything needed to continue training exactly: trainable weights, AdamW moments, the
-    random generator, the weight average, and `state` (epoch, step, history) as metadata."""
+    weight average, and `state` (epoch, step, history) as metadata. (Random streams are reseeded
+    at every epoch from the seed, so they need no saving.)"""
     tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
     names = {p: name for name, p in model.named_parameters()}
     for p, moments in optimizer.state.items():
         for key, value in moments.items():
             tensors[f"optim.{names[p]}.{key}"] = torch.as_tensor(value)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = rng
     if averaged is not None:
         tensors.update({f"average.{k}": v for k, v in averaged.state().items()})
         state = {**state, "n_averaged": averaged.n_averaged}
@@ -131,10 +128,6 @@ def load_checkpoint(path, model, optimizer, averaged=None):
             # AdamW keeps its step count on the CPU unless it runs fused or captured.
             keep_on_cpu = moment == "step" and not on_device
             optimizer.state[params[name]][moment] = value if keep_on_cpu else value.to(device)
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
     if averaged is not None and "n_averaged" in state:
         averaged.load({k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")},
                       state["n_averaged"])

@@ -1,6 +1,7 @@
 """train.py and evaluate.py end to end, on a small slice of MASSIVE with the embedded model."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def test_run_folder_is_complete(finished_run):
     assert results["model"] == "all-MiniLM-L6-v2" and results["hyperparameters"]["epochs"] == 3
     assert len(results["dev_accuracy_per_epoch"]) == 3
     assert results["test"]["n_batches"] == 3  # 48 sentences in the paper's batches of 16
-    assert results["trainable_params"] == results["all_params"] == 22_713_216
+    assert results["all_params"] == 22_713_216  # the pooler is counted, frozen: the head reads [CLS]
+    assert results["trainable_params"] == 22_713_216 - 384 * 384 - 384
 
 
 def test_same_seed_same_metrics(finished_run, small_massive, tmp_path):
@@ -224,3 +226,28 @@ def test_embedding_analysis_with_and_without_matplotlib(finished_run, small_mass
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert read_json(finished_run / "embeddings.json")["knn_accuracy"] == result["knn_accuracy"]
     assert not (finished_run / "embeddings-pca.png").exists()
+
+
+def test_two_gloo_processes_match_one(small_massive, tmp_path):
+    """torchrun with 2 CPU processes, each on half of every batch, ends where one process does.
+    Dropout is off (in the tiny model's config and on [CLS]) so both see the same randomness."""
+    model = tmp_path / "tiny"
+    model.mkdir()
+    for name in ("model.safetensors", "vocab.txt"):
+        (model / name).write_bytes((ROOT / "tests/reference/tiny_odd" / name).read_bytes())
+    config = json.loads((ROOT / "tests/reference/tiny_odd/config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    common = ["--model", str(model), "--data", str(small_massive), "--epochs", "2", "--drop-rate", "0",
+              "--lr", "1e-3", "--experiment", "swa"]
+    one = train.main([*common, "--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "train.py"), *common, "--out", str(tmp_path / "two")],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    a, b = read_json(one / "results.json"), read_json(tmp_path / "two" / "results.json")
+    assert "2 processes" in b["device"]
+    assert b["test"]["accuracy"] == a["test"]["accuracy"]
+    assert b["test"]["loss"] == pytest.approx(a["test"]["loss"], abs=1e-5)
+    assert b["dev_accuracy_per_epoch"] == a["dev_accuracy_per_epoch"]
+    assert b["train_accuracy_per_epoch"] == a["train_accuracy_per_epoch"]
