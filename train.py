@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -91,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<model>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    p.add_argument("--no-test", action="store_true",
+                   help="never evaluate on the test split (for choosing hyperparameters on dev)")
     return p.parse_args(argv)
 
 
@@ -280,9 +283,11 @@ def main(argv=None):
         average.copy_to_model()  # the averaged weights are the ones evaluated and saved
         swa_dev = evaluate(model, dev, device, autocast)
         log(f"SWA average of {average.n_averaged} epochs: dev accuracy {swa_dev['accuracy']:.4f}")
-    test_metrics = evaluate(model, test, device, autocast)
-    log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
-          f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
+    final_dev = swa_dev or evaluate(model, dev, device, autocast)
+    test_metrics = None if args.no_test else evaluate(model, test, device, autocast)
+    if test_metrics:
+        log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
+            f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
     if world > 1:
         dist.destroy_process_group()
     if not main_process:
@@ -301,6 +306,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "python": platform.python_version(),
         "test": test_metrics,
+        "dev": final_dev,
         "dev_accuracy_per_epoch": [h["dev_accuracy"] for h in classifier_rows],
         "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier_rows],
         "contrastive_loss_per_epoch": [h["train_loss"] for h in history if h["stage"] == "contrastive"],
@@ -309,6 +315,7 @@ def main(argv=None):
         "wall_seconds": sum(h["wall_seconds"] for h in history),
         "samples_per_second": len(train) * len(history) / sum(h["train_seconds"] for h in history),
         "ms_per_step": 1000 * sum(h["train_seconds"] for h in history) / (len(history) * steps_per_epoch),
+        **peak_memory(device),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
     })
     # The run is complete: its record and weights are written, so the training state can go.
@@ -381,6 +388,14 @@ def check_finite(loss, epoch, step, run_dir):
         sys.exit(f"train.py: the loss became {loss} at epoch {epoch + 1} step {step}; stopping. "
                  f"{kept}. Try a lower --lr, or --precision fp32/bf16 instead of fp16.")
     return loss
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return {"gpu_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale}
 
 
 def device_name(device):
