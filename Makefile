@@ -42,7 +42,7 @@ reference: install
 RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume
 EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best
 
-.PHONY: zeroshot $(EXPERIMENTS) paper bench
+.PHONY: zeroshot $(EXPERIMENTS) paper tune bench
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
@@ -62,3 +62,11 @@ paper: install data
 	  done; \
 	done
 	$(PY) -m minibert.report $(PAPER_DIR)
+
+# Choose the `best` preset on the dev split alone (the test split is never evaluated).
+tune: install data
+	$(PY) -m minibert.tune --model $(MODEL) --epochs $(EPOCHS) --device $(DEVICE)
+
+# Training and evaluation speed against transformers, side by side in one process.
+bench: install data
+	$(PY) bench/speed.py

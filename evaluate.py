@@ -7,6 +7,7 @@
 
 import argparse
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from minibert.data import encode, load_massive
 from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import confused_pairs, metrics, per_label_accuracy, predict
 from minibert.experiments import TrainConfig
-from minibert.runs import FORMAT, load_run, write_json
+from minibert.runs import FORMAT, device_name, load_run, write_json
 from minibert.weights import load_pretrained
 
 
@@ -79,7 +80,7 @@ def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
     return result
 
 
-def zero_shot(args):
+def zero_shot(args, argv):
     """The paper's experiment 1: no training at all, so accuracy lands near chance (1/18)."""
     config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed, epochs=0)
     data = load_massive(args.data)
@@ -94,10 +95,11 @@ def zero_shot(args):
         analyse_embeddings(model, tokenizer, data, config.max_len, run_dir, f"pretrained {encoder.name}")
     write_json(run_dir / "results.json", {
         "format": FORMAT, "experiment": "zeroshot", "model": encoder.name, "model_requested": config.model,
-        "hyperparameters": config.to_dict(), "seed": config.seed, "device": "cpu", "precision": "fp32",
+        "hyperparameters": config.to_dict(), "seed": config.seed, "device": device_name(torch.device("cpu")),
+        "precision": "fp32",
         "torch": torch.__version__, "python": platform.python_version(), "test": result,
         "dev_accuracy_per_epoch": [], "wall_seconds": 0.0,
-        "command": "python " + " ".join(sys.argv),
+        "command": "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     })
     print(f"wrote {run_dir}/results.json")
 
@@ -105,7 +107,7 @@ def zero_shot(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.zero_shot:
-        return zero_shot(args)
+        return zero_shot(args, argv)
     try:
         model, tokenizer, meta = load_run(args.run_dir)
     except ValueError as e:

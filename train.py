@@ -12,7 +12,7 @@ import argparse
 import math
 import os
 import platform
-import resource
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -31,8 +31,8 @@ from minibert.experiments import CHOICES, FIELDS, PRESETS
 from minibert.lora import apply_lora
 from minibert.losses import supcon_loss
 from minibert.model import count_parameters
-from minibert.runs import (FORMAT, checkpoint_state, load_checkpoint, save_checkpoint, save_tensors,
-                           trainable_state, write_json, write_jsonl)
+from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, peak_memory, save_checkpoint,
+                           save_tensors, trainable_state, write_json, write_jsonl)
 from minibert.schedule import linear_warmup
 from minibert.swa import WeightAverage, swa_lr
 from minibert.weights import load_pretrained
@@ -316,7 +316,7 @@ def main(argv=None):
         "samples_per_second": len(train) * len(history) / sum(h["train_seconds"] for h in history),
         "ms_per_step": 1000 * sum(h["train_seconds"] for h in history) / (len(history) * steps_per_epoch),
         **peak_memory(device),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     })
     # The run is complete: its record and weights are written, so the training state can go.
     checkpoint.unlink(missing_ok=True)
@@ -388,20 +388,6 @@ def check_finite(loss, epoch, step, run_dir):
         sys.exit(f"train.py: the loss became {loss} at epoch {epoch + 1} step {step}; stopping. "
                  f"{kept}. Try a lower --lr, or --precision fp32/bf16 instead of fp16.")
     return loss
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return {"gpu_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-    # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
-    scale = 2**20 if sys.platform == "darwin" else 2**10
-    return {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale}
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def parameter_counts(model):

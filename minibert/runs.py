@@ -14,6 +14,9 @@ half-written file where a good one was. Nothing is pickled.
 
 import json
 import os
+import platform
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +30,20 @@ from .tokenizer import Tokenizer
 from .weights import load_pretrained
 
 FORMAT = "minibert-run/1"
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return {"gpu_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def replace_atomically(path, write):

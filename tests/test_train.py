@@ -100,8 +100,9 @@ def test_presets_record_what_they_did(small_massive, minilm_dir, tmp_path):
     again = read_json(lora / "eval-test.json")
     assert (again["accuracy"], again["loss"]) == (results["test"]["accuracy"], results["test"]["loss"])
     probe = read_json(train.main([*args(small_massive, tmp_path / "probe"), "--experiment", "supcon",
-                                  "--epochs", "1", "--stage2", "probe"]) / "results.json")
+                                  "--epochs", "1", "--stage2", "probe", "--no-test"]) / "results.json")
     assert len(probe["contrastive_loss_per_epoch"]) == 1 and len(probe["dev_accuracy_per_epoch"]) == 1
+    assert probe["test"] is None and probe["dev"]["accuracy"] == probe["dev_accuracy_per_epoch"][-1]
 
 
 def test_learning_rate_schedules():
@@ -251,3 +252,33 @@ def test_two_gloo_processes_match_one(small_massive, tmp_path):
     assert b["test"]["loss"] == pytest.approx(a["test"]["loss"], abs=1e-5)
     assert b["dev_accuracy_per_epoch"] == a["dev_accuracy_per_epoch"]
     assert b["train_accuracy_per_epoch"] == a["train_accuracy_per_epoch"]
+
+
+def test_report_from_run_folders(finished_run, small_massive, tmp_path, monkeypatch, capsys):
+    from minibert import report
+
+    paper = tmp_path / "paper"
+    for seed in (0, 1):
+        run = paper / f"baseline-s{seed}"
+        run.mkdir(parents=True)
+        results = read_json(finished_run / "results.json")
+        results["seed"] = seed
+        (run / "results.json").write_text(json.dumps(results))
+    evaluate.main(["--zero-shot", "--model", "all-MiniLM-L6-v2", "--data", str(small_massive),
+                   "--out", str(paper / "zeroshot-s0")])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nend\n")
+    report.main([str(paper), "--readme", str(readme)])
+    table = (paper / "report.md").read_text()
+    accuracy = read_json(finished_run / "results.json")["test"]["accuracy"]
+    assert f"| baseline | {accuracy:.4f} ± 0.0000 | {accuracy:.4f} {accuracy:.4f} | 0.8762 |" in table
+    assert "| zeroshot |" in table and "python train.py" in table
+    assert (paper / "accuracy-baseline.png").exists()
+    assert read_json(paper / "report.json")["baseline"]["seeds"] == [0, 1]
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "\nold\n" not in text and "| baseline |" in text
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    (paper / "accuracy-baseline.png").unlink()
+    report.main([str(paper)])
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert "| baseline |" in (paper / "report.md").read_text()
