@@ -24,6 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minibert.classifier import ScenarioClassifier  # noqa: E402
 from minibert.data import batch_order, encode, load_massive  # noqa: E402
+from minibert.lora import apply_lora  # noqa: E402
 from minibert.weights import load_pretrained, resolve  # noqa: E402
 
 
@@ -89,6 +90,9 @@ def main():
     }
     systems["minibert (fused AdamW, length-bucketed)"] = (
         ScenarioClassifier(load_pretrained(args.model)[0], 18), {"fused": True}, bucketed_batches)
+    lora_encoder = load_pretrained(args.model)[0]
+    apply_lora(lora_encoder, r=20, alpha=8)
+    systems["minibert LoRA r=20 (fused AdamW)"] = (ScenarioClassifier(lora_encoder, 18), {"fused": True}, random_batches)
 
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, **kw)
                   for name, (m, kw, _) in systems.items()}
@@ -104,9 +108,12 @@ def main():
     print(f"training step, {args.model}, batch 16, max length 20, {device}, torch {torch.__version__}")
     print(f"median of {args.rounds} rounds of {args.steps} steps each\n")
     reference = statistics.median(times["transformers (eager, AdamW default)"])
+    full = statistics.median(times["minibert (fused AdamW)"])
     for name, per_step in times.items():
         ms = statistics.median(per_step)
         print(f"  {name:<44} {1000 * ms:7.1f} ms/step {16 / ms:7.1f} samples/s   ratio {reference / ms:.2f}x")
+    lora = statistics.median(times["minibert LoRA r=20 (fused AdamW)"])
+    print(f"\n  LoRA r=20 step / full fine-tuning step (minibert, same batches): {lora / full:.2f}")
     dev = encode(tokenizer, data.dev, data.label_ids(data.dev, "scenario"), 20)
     print("\nevaluation, batch 256:")
     hf_rate = eval_rate(systems["transformers (eager, AdamW default)"][0], dev)
