@@ -11,7 +11,7 @@ EPOCHS ?= 10
 SEED   ?= 0
 DEVICE ?= auto
 
-.PHONY: install weights data test reference
+.PHONY: install weights compact-weights data test reference
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 weights: install
 	$(PY) -m minibert.weights $(MODEL)
+
+# An fp16 copy of the model folder in weights/<model>-fp16, for a machine without internet.
+compact-weights: install
+	$(PY) -m minibert.weights $(MODEL) --compact weights/$(MODEL)-fp16
 
 data: install
 	$(PY) -m minibert.data

@@ -173,3 +173,16 @@ def test_auto_falls_back_to_embedded_model_and_says_so(minilm_dir, tmp_path, mon
     assert "bert-base-uncased unavailable" in capsys.readouterr().err
     with pytest.raises(DownloadError):  # a model named explicitly never falls back
         weights.resolve("bert-base-uncased")
+
+
+def test_compact_fp16_copy_loads_and_stays_close(tmp_path):
+    dest = weights.write_compact(str(TINY), tmp_path / "tiny-fp16")
+    assert (dest / "model.safetensors").stat().st_size < 0.6 * (TINY / "model.safetensors").stat().st_size
+    full, _, _ = weights.load_pretrained(str(TINY))
+    half, _, _ = weights.load_pretrained(str(dest))
+    io = load_file(TINY / "io.safetensors")
+    with torch.no_grad():
+        a = full.eval()(io["input_ids"], io["attention_mask"], io["token_type_ids"])
+        b = half.eval()(io["input_ids"], io["attention_mask"], io["token_type_ids"])
+    assert next(half.parameters()).dtype == torch.float32
+    assert (a - b).abs().max() < 1e-2  # fp16 keeps ~3 decimal digits of each weight
