@@ -210,7 +210,11 @@ def main(argv=None):
         correct = torch.zeros((), device=device, dtype=torch.long)
         window, window_start = 0, time.perf_counter()
         for i, index in enumerate(order, start=1):
-            lr = config.lr if contrastive_stage else learning_rate(config, epoch - stage1, (epoch - stage1) * steps_per_epoch + i - 1, steps_per_epoch)
+            if contrastive_stage:
+                lr = config.lr
+            else:  # the schedule counts the classifier's own epochs and steps
+                e = epoch - stage1
+                lr = learning_rate(config, e, e * steps_per_epoch + i - 1, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Each process takes every world-th sentence of the batch: its shard of the epoch.
