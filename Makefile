@@ -21,23 +21,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 weights: install
-	$(PY) -m minibert.weights $(MODEL)
+	$(PY) -m minibert weights $(MODEL)
 
 # An fp16 copy of the model folder in weights/<model>-fp16, for a machine without internet.
 compact-weights: install
-	$(PY) -m minibert.weights $(MODEL) --compact weights/$(MODEL)-fp16
+	$(PY) -m minibert weights $(MODEL) --compact weights/$(MODEL)-fp16
 
 data: install
 	$(PY) -m minibert.data
 
 test: install
-	$(PY) -m minibert.weights all-MiniLM-L6-v2
+	$(PY) -m minibert weights all-MiniLM-L6-v2
 	$(PY) -m minibert.data || echo "MASSIVE not in place: the tests that need it are skipped"
 	$(PY) -m pytest
 
 reference: install
 	$(PY) -m pip install -e '.[reference]'
-	$(PY) -m minibert.weights all-MiniLM-L6-v2
+	$(PY) -m minibert weights all-MiniLM-L6-v2
 	$(PY) tests/make_reference.py
 
 # ---- the paper's experiments ------------------------------------------------------------------

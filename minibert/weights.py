@@ -9,7 +9,7 @@ vocab.txt, tokenizer.json and model.safetensors; a file is only ever there once 
 
 `auto` picks bert-base-uncased when it is present or downloadable, else all-MiniLM-L6-v2.
 
-    python -m minibert.weights [auto|bert-base-uncased|all-MiniLM-L6-v2]
+    python -m minibert weights [auto|bert-base-uncased|all-MiniLM-L6-v2] [--compact DIR]
 """
 
 import os
@@ -252,17 +252,3 @@ def write_compact(name_or_dir, dest):
     os.replace(part, dest / "model.safetensors")
     return dest
 
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description="Fetch and verify pretrained weights.")
-    p.add_argument("model", nargs="?", default="auto", help="auto, a model name, or a folder")
-    p.add_argument("--compact", metavar="DIR", help="also write an fp16 copy of the model folder to DIR")
-    args = p.parse_args()
-    try:
-        print(resolve(args.model)[1])
-        if args.compact:
-            print(write_compact(args.model, args.compact))
-    except (DownloadError, ValueError) as e:
-        sys.exit(f"minibert: {e}")
