@@ -1,6 +1,7 @@
 """train.py and evaluate.py end to end, on a small slice of MASSIVE with the embedded model."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -282,3 +283,11 @@ def test_report_from_run_folders(finished_run, small_massive, tmp_path, monkeypa
     report.main([str(paper)])
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert "| baseline |" in (paper / "report.md").read_text()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(precision, small_massive, tmp_path):
+    run = train.main(["--model", str(ROOT / "tests/reference/tiny_odd"), "--data", str(small_massive),
+                      "--epochs", "1", "--precision", precision, "--out", str(tmp_path)])
+    results = read_json(run / "results.json")
+    assert results["precision"] == precision and math.isfinite(results["test"]["loss"])
