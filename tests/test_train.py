@@ -291,3 +291,14 @@ def test_mixed_precision_trains_on_cpu(precision, small_massive, tmp_path):
                       "--epochs", "1", "--precision", precision, "--out", str(tmp_path)])
     results = read_json(run / "results.json")
     assert results["precision"] == precision and math.isfinite(results["test"]["loss"])
+
+
+def test_best_preset_is_the_dev_tuned_candidate():
+    """`best` is what `python -m minibert.tune` ranked first on dev (README): the same settings."""
+    from minibert.experiments import PRESETS
+    from minibert.tune import CANDIDATES
+
+    flags = ["--bucket", *CANDIDATES["drop0.1-head256-linear"]]
+    parsed = train.parse_args(flags)
+    tuned = PRESETS["baseline"].override(**{k: getattr(parsed, k) for k in train.FLAG_HELP})
+    assert tuned.override(experiment="best") == PRESETS["best"]
