@@ -17,24 +17,28 @@ def supcon_loss(features, labels=None, temperature=0.07, base_temperature=0.07):
     no positive has nothing to pull towards: it is left out of the mean, and a batch where no
     anchor has one gives a loss of zero (with zero, finite gradients), never NaN.
     """
-    B, V, D = features.shape
-    # Similarities and softmax in fp32 even under autocast: 1/τ ≈ 14 amplifies rounding.
-    z = F.normalize(features.float(), dim=-1).transpose(0, 1).reshape(V * B, D)  # (VB, D), view-major
-    ids = torch.arange(B, device=features.device) if labels is None else labels.to(features.device)
-    ids = ids.repeat(V)  # (VB,) the label (or sentence) of each row
-    logits = z @ z.T / temperature  # (VB, VB)
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # for exp's range only
-    not_self = ~torch.eye(V * B, dtype=torch.bool, device=features.device)
-    positive = (ids[:, None] == ids[None, :]) & not_self
-    log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
-    n_pos = positive.sum(1)
-    has_pos = n_pos > 0
-    # where(), not a product: a masked-out entry may be ±inf and inf·0 is NaN.
-    mean_log_prob_pos = torch.where(positive, log_prob, 0.0).sum(1) / n_pos.clamp(min=1)  # (VB,)
-    loss = -(temperature / base_temperature) * mean_log_prob_pos
-    # Mean over the anchors that have a positive; computed without a host sync, so a GPU step
-    # never waits, and 0 (still attached to the graph) when none has one.
-    return torch.where(has_pos, loss, 0.0).sum() / has_pos.sum().clamp(min=1)
+    # Similarities and softmax in fp32: 1/τ ≈ 14 amplifies rounding. Casting the features is not
+    # enough under autocast, which would recast the matmul below to bf16/fp16 (and with it the
+    # logits and the log-softmax), so autocast is off for the whole body.
+    with torch.autocast(features.device.type, enabled=False):
+        B, V, D = features.shape
+        z = F.normalize(features.float(), dim=-1).transpose(0, 1).reshape(V * B, D)  # (VB, D), view-major
+        ids = torch.arange(B, device=features.device) if labels is None else labels.to(features.device)
+        ids = ids.repeat(V)  # (VB,) the label (or sentence) of each row
+        logits = z @ z.T / temperature  # (VB, VB)
+        logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # for exp's range only
+        not_self = ~torch.eye(V * B, dtype=torch.bool, device=features.device)
+        positive = (ids[:, None] == ids[None, :]) & not_self
+        log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
+        n_pos = positive.sum(1)
+        has_pos = n_pos > 0
+        # where(), not a product: a masked-out entry may be ±inf and inf·0 is NaN.
+        mean_log_prob_pos = torch.where(positive, log_prob, 0.0).sum(1) / n_pos.clamp(min=1)  # (VB,)
+        loss = -(temperature / base_temperature) * mean_log_prob_pos
+        # Mean over the anchors that have a positive; computed without a host sync, so a GPU step
+        # never waits, and 0 (still attached to the graph) when none has one.
+        return torch.where(has_pos, loss, 0.0).sum() / has_pos.sum().clamp(min=1)
+
 
 def simclr_loss(features, temperature=0.07):
     return supcon_loss(features, labels=None, temperature=temperature, base_temperature=temperature)

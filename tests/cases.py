@@ -110,6 +110,46 @@ def hf_outputs(model, inputs):
     return {"last_hidden_state": out.last_hidden_state.contiguous(), "pooled": out.pooler_output.contiguous()}
 
 
+@torch.no_grad()
+def minibert_outputs(model, inputs):
+    hidden = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+    return {"last_hidden_state": hidden, "pooled": model.pool(hidden)}
+
+
+# How encoder outputs are compared. Two correct implementations agree up to the rounding of
+# their kernels, which depends on the CPU (SIMD width, BLAS blocking, fused multiply-adds); a bug
+# moves the outputs by far more. Measured on real-token positions and the pooled output, on one
+# AVX2 CPU under two kernel paths (ATen's default and AVX2 kernels, MKL's compatible and native
+# paths), batched and one sentence at a time:
+#
+#                                   float64                     float32
+#   drift between correct runs      <= 5e-14 (minibert against  <= 2.8e-6 (MiniLM against its
+#                                   transformers, and across    float64 truth; 2.7e-6 was seen
+#                                   kernel paths)               between two float32 runs on a
+#                                                               Zen 4 AVX-512 CPU)
+#   smallest planted bug            8.4e-7 (tanh GELU on a      1.4e-3 (LayerNorm eps 1e-5 on
+#                                   tiny checkpoint)            MiniLM)
+#
+# Each tolerance sits between the two with a wide margin each way: TOL_FP64 is 2,000x the drift
+# and 8,000x below the smallest bug; TOL_FP32 is 18x the drift and 27x below it. The tiny
+# checkpoints are compared in float64 because their small random weights keep GELU's input near
+# 0, where the tanh approximation is within 1e-6 of erf: in float32 that bug hides in the noise.
+# tests/test_planted_bugs.py checks that every planted bug fails these same comparisons.
+TOL_FP64 = 1e-10
+TOL_FP32 = 5e-5
+
+
+def max_real_token_error(outputs, reference):
+    """Largest |difference| over what carries meaning: the hidden state of every real token
+    and the pooled [CLS] output. Padded positions are left out: they feed nothing downstream
+    (attention masks them as keys, the classifier reads [CLS]), and in float32 they drift across
+    kernels ten times more than real tokens do (3e-5 measured, 6e-5 seen on a Zen 4 CPU)."""
+    real = reference["attention_mask"].bool()  # (B, T)
+    hidden = outputs["last_hidden_state"].double() - reference["last_hidden_state"].double()
+    pooled = outputs["pooled"].double() - reference["pooled"].double()
+    return max(hidden[real].abs().max().item(), pooled.abs().max().item())
+
+
 def minilm_folder():
     from minibert.weights import WEIGHTS_DIR
 
@@ -149,18 +189,21 @@ def swa_model():
 
 
 def swa_reference():
-    """torch.optim.swa_utils: AveragedModel over 4 snapshots, and SWALR's rates."""
+    """torch.optim.swa_utils: AveragedModel over 4 snapshots, and SWALR's rates. The snapshots
+    are float32 weights; AveragedModel averages them in float64, so the stored average is their
+    exact mean, whatever CPU wrote it."""
     from torch.optim.swa_utils import SWALR, AveragedModel
 
-    model = swa_model()
-    averaged = AveragedModel(model)
+    model, exact = swa_model(), swa_model().double()
+    averaged = AveragedModel(exact)
     out = {}
     for k in range(4):
         with torch.no_grad():
-            for p in model.parameters():
+            for p, q in zip(model.parameters(), exact.parameters()):
                 p.add_(torch.randn_like(p))
+                q.copy_(p)
         out.update({f"snapshot{k}.{n}": p.detach().clone() for n, p in model.named_parameters()})
-        averaged.update_parameters(model)
+        averaged.update_parameters(exact)
     out.update({f"average.{n}": p.detach().clone() for n, p in averaged.module.named_parameters()})
     for i, (start, swa_lr, anneal_epochs, strategy) in enumerate(SWALR_CASES):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=start)
@@ -178,7 +221,8 @@ LORA = {"r": 4, "alpha": 8, "targets": ("query", "value")}
 
 
 def lora_reference():
-    """peft's LoRA on the tiny_odd checkpoint with random (non-zero) A and B."""
+    """peft's LoRA on the tiny_odd checkpoint with random (non-zero) float32 A and B; the outputs
+    in float64, as for the tiny checkpoints."""
     from peft import LoraConfig, get_peft_model
     from transformers import BertModel
 
@@ -196,13 +240,10 @@ def lora_reference():
                 module.lora_B["default"].weight.normal_(std=0.1)
             out[f"layers.{layer}.{target}.lora_A"] = module.lora_A["default"].weight.detach().clone()
             out[f"layers.{layer}.{target}.lora_B"] = module.lora_B["default"].weight.detach().clone()
-    inputs = tiny_inputs(TINY[0])
-    with torch.no_grad():
-        result = peft_model.eval()(**inputs)
-    out["last_hidden_state"] = result.last_hidden_state.contiguous()
     out["trainable"] = torch.tensor(sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
     out["all"] = torch.tensor(sum(p.numel() for p in peft_model.parameters()))
-    return {**out, **inputs}
+    inputs = tiny_inputs(TINY[0])
+    return {**out, **inputs, **hf_outputs(peft_model.eval().double(), inputs)}
 
 
 def contrastive_features():
@@ -216,15 +257,17 @@ def contrastive_features():
 
 def supcon_reference():
     """pytorch-metric-learning's SupConLoss and NTXentLoss, an implementation independent of the
-    authors'. It takes (N, D) embeddings: the views are flattened view-major with labels tiled."""
+    authors'. It takes (N, D) embeddings: the views are flattened view-major with labels tiled.
+    Computed in float64 from the float32 features, so the stored losses carry no float32 rounding."""
     from pytorch_metric_learning.losses import NTXentLoss, SupConLoss
 
     out = contrastive_features()
-    flat = torch.cat(torch.unbind(out["features"], dim=1))
+    flat = torch.cat(torch.unbind(out["features"].double(), dim=1))
     sentence = torch.arange(len(out["labels"])).repeat(2)
+    single = out["single"][:, 0].double()
     out["pml_supcon"] = SupConLoss(temperature=0.07)(flat, out["labels"].repeat(2)).detach()
     out["pml_ntxent"] = NTXentLoss(temperature=0.07)(flat, sentence).detach()
-    out["pml_supcon_single"] = SupConLoss(temperature=0.07)(out["single"][:, 0], out["single_labels"]).detach()
+    out["pml_supcon_single"] = SupConLoss(temperature=0.07)(single, out["single_labels"]).detach()
     return out
 
 
