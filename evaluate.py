@@ -5,7 +5,6 @@
     python evaluate.py --zero-shot --model all-MiniLM-L6-v2      # the paper's experiment 1
 """
 
-import argparse
 import platform
 import shlex
 import sys
@@ -14,18 +13,21 @@ from pathlib import Path
 import torch
 
 from minibert.classifier import ScenarioClassifier
+from minibert.cli import Parser
 from minibert.data import encode, load_massive
 from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import confused_pairs, metrics, per_label_accuracy, predict
 from minibert.experiments import TrainConfig
+from minibert.fetch import DownloadError
 from minibert.runs import FORMAT, device_name, load_run, write_json
 from minibert.weights import load_pretrained
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", nargs="?", help="a run folder written by train.py")
-    p.add_argument("--split", choices=["dev", "test"], default="test")
+    p.add_argument("--split", choices=["dev", "test"], default=None, help="with RUN_DIR: the split to evaluate "
+                   "(default test)")
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
     p.add_argument("--predict", metavar="TEXT", help="classify one sentence instead")
     p.add_argument("--zero-shot", action="store_true", help="pretrained encoder, freshly initialised head")
@@ -34,13 +36,20 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="with --zero-shot: which pretrained model (default auto); with RUN_DIR: "
                         "the model the run must have been trained from")
-    p.add_argument("--seed", type=int, default=0, help="with --zero-shot: seed of the untrained head")
+    p.add_argument("--seed", type=int, default=None, help="with --zero-shot: seed of the untrained head (default 0)")
     p.add_argument("--out", default=None, help="with --zero-shot: run folder for its results.json")
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.run_dir):
         p.error("give either RUN_DIR or --zero-shot")
     if args.predict and (args.zero_shot or args.embeddings):
         p.error("--predict needs a trained RUN_DIR and nothing else")
+    for name in ("seed", "out"):
+        if getattr(args, name) is not None and not args.zero_shot:
+            p.error(f"--{name} applies to --zero-shot only (a run's seed is fixed, its records go to RUN_DIR)")
+    if args.split and (args.zero_shot or args.predict or args.embeddings):
+        p.error("--split applies to evaluating RUN_DIR only (--zero-shot and --embeddings use the test split)")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; pass a folder")
     return args
 
 
@@ -82,7 +91,7 @@ def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
 
 def zero_shot(args, argv):
     """The paper's experiment 1: no training at all, so accuracy lands near chance (1/18)."""
-    config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed, epochs=0)
+    config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed or 0, epochs=0)
     data = load_massive(args.data)
     torch.manual_seed(config.seed)
     encoder, tokenizer, _ = load_pretrained(config.model)
@@ -106,14 +115,16 @@ def zero_shot(args, argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.zero_shot:
-        return zero_shot(args, argv)
     try:
-        model, tokenizer, meta = load_run(args.run_dir)
-    except ValueError as e:
+        return zero_shot(args, argv) if args.zero_shot else evaluate_run(args)
+    except (ValueError, DownloadError, OSError) as e:
         sys.exit(f"evaluate.py: {e}")
+
+
+def evaluate_run(args):
+    model, tokenizer, meta = load_run(args.run_dir)
     if args.model and args.model != meta["model"]:
-        sys.exit(f"evaluate.py: {args.run_dir} was trained from {meta['model']}, not {args.model}")
+        raise ValueError(f"{args.run_dir} was trained from {meta['model']}, not {args.model}")
     if args.predict:
         input_ids, attention_mask = tokenizer([args.predict], max_len=meta["max_len"])
         with torch.no_grad():
@@ -121,19 +132,22 @@ def main(argv=None):
         p, i = probs.max(0)
         print(f"{meta['labels'][i]} ({p:.3f})")
         return
-    data = load_massive(args.data, labels=meta["label_kind"])
-    if list(data.labels) != meta["labels"]:
-        sys.exit(f"evaluate.py: the run's {len(meta['labels'])} labels do not match the data's "
-                 f"{len(data.labels)} {meta['label_kind']} labels")
     if args.embeddings:
+        # Measured by scenario whatever labels the run trained on, so that every run compares.
+        data = load_massive(args.data)
         analyse_embeddings(model, tokenizer, data, meta["max_len"], args.run_dir, Path(args.run_dir).name)
         return
-    examples = data.split(args.split)
+    data = load_massive(args.data, labels=meta["label_kind"])
+    if list(data.labels) != meta["labels"]:
+        raise ValueError(f"the run's {len(meta['labels'])} labels do not match the data's "
+                         f"{len(data.labels)} {meta['label_kind']} labels; pass the --data it was trained on")
+    split = args.split or "test"
+    examples = data.split(split)
     encoded = encode(tokenizer, examples, data.label_ids(examples, meta["label_kind"]), meta["max_len"])
     logits = predict(model, encoded, torch.device("cpu"))
-    result = report(args.split, logits, encoded.labels, data.labels)
-    write_json(Path(args.run_dir) / f"eval-{args.split}.json", {"model": meta["model"], **result})
-    print(f"wrote {Path(args.run_dir) / f'eval-{args.split}.json'}")
+    result = report(split, logits, encoded.labels, data.labels)
+    write_json(Path(args.run_dir) / f"eval-{split}.json", {"model": meta["model"], **result})
+    print(f"wrote {Path(args.run_dir) / f'eval-{split}.json'}")
 
 
 if __name__ == "__main__":

@@ -112,37 +112,57 @@ def load_massive(path=None, labels="scenario"):
         raise ValueError(f"labels must be 'scenario' or 'intent', not {labels!r}")
     path = data_path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no MASSIVE data here; run `make data` "
-                                "(or set MASSIVE_JSONL=/path/to/en-US.jsonl)")
+        raise ValueError(f"{path}: no MASSIVE data here; run `make data`, or pass --data (or set "
+                         "MASSIVE_JSONL to) the en-US.jsonl of MASSIVE 1.1")
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a file; pass --data (or set MASSIVE_JSONL to) the "
+                         "en-US.jsonl file of MASSIVE 1.1")
     splits = {name: [] for name in SPLITS}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            for field in FIELDS:
-                if not isinstance(record.get(field), str):
-                    raise ValueError(f"{where}: missing or non-string field {field!r}")
-            if record["partition"] not in splits:
-                raise ValueError(f"{where}: unknown partition {record['partition']!r} "
-                                 f"(expected one of {', '.join(SPLITS)})")
-            if record["scenario"] not in SCENARIOS:
-                raise ValueError(f"{where}: unknown scenario {record['scenario']!r}")
-            if not record["intent"].startswith(record["scenario"] + "_"):
-                raise ValueError(f"{where}: intent {record['intent']!r} is not of scenario "
-                                 f"{record['scenario']!r}")
-            splits[record["partition"]].append(Example(record["utt"], record["scenario"], record["intent"]))
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                where = f"{path}:{n}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); is this "
+                                     "MASSIVE's en-US.jsonl?") from None
+                if not line.strip():
+                    continue
+                example, partition = parse_line(line, where)
+                splits[partition].append(example)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     for name, examples in splits.items():
         if not examples:
-            raise ValueError(f"{path}: no {name} examples (is the file empty or truncated?)")
-    names = SCENARIOS if labels == "scenario" else tuple(sorted({e.intent for e in splits["train"]}))
+            raise ValueError(f"{path}: no {name} examples (is the file empty or truncated?); run "
+                             "`make data` again, or pass another --data file")
+    # Intents are named by every split, so that a small file whose dev or test holds an intent
+    # its train split lacks still maps every example to a label.
+    names = SCENARIOS if labels == "scenario" else tuple(sorted({e.intent for s in splits.values() for e in s}))
     return Massive(**splits, labels=names)
+
+
+def parse_line(line, where):
+    """One line of the file → (Example, partition), or a ValueError that names `where`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}; column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for field in FIELDS:
+        if not isinstance(record.get(field), str):
+            raise ValueError(f"{where}: missing or non-string field {field!r}")
+    if record["partition"] not in SPLITS:
+        raise ValueError(f"{where}: unknown partition {record['partition']!r} "
+                         f"(expected one of {', '.join(SPLITS)})")
+    if record["scenario"] not in SCENARIOS:
+        raise ValueError(f"{where}: unknown scenario {record['scenario']!r} (MASSIVE has {', '.join(SCENARIOS)})")
+    if not record["intent"].startswith(record["scenario"] + "_"):
+        raise ValueError(f"{where}: intent {record['intent']!r} is not of scenario "
+                         f"{record['scenario']!r}")
+    return Example(record["utt"], record["scenario"], record["intent"]), record["partition"]
 
 
 def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBALL_SHA256):
@@ -156,9 +176,17 @@ def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBAL
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         staged = Path(tmp) / dest.name
         if source:
-            shutil.copyfile(source, staged)
+            try:
+                shutil.copyfile(source, staged)
+            except OSError as e:
+                raise ValueError(f"{source}: cannot copy it ({e.strerror}); set MASSIVE_JSONL to the "
+                                 "en-US.jsonl of MASSIVE 1.1, or unset it to download the data") from None
         else:
-            tarball = download(url, Path(tmp) / "massive.tar.gz", tarball_sha256, timeout=30.0)
+            try:
+                tarball = download(url, Path(tmp) / "massive.tar.gz", tarball_sha256, timeout=30.0)
+            except DownloadError as e:
+                raise DownloadError(f"{e}; check the network, or set MASSIVE_JSONL to a copy of MASSIVE 1.1's "
+                                    "en-US.jsonl") from None
             with tarfile.open(tarball) as tar:
                 member = tar.getmember(TARBALL_MEMBER)
                 with tar.extractfile(member) as src, open(staged, "wb") as out:
@@ -171,5 +199,5 @@ def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBAL
 if __name__ == "__main__":
     try:
         print(fetch_massive())
-    except (DownloadError, OSError, KeyError) as e:
-        sys.exit(f"minibert: could not put MASSIVE in place: {e}")
+    except (DownloadError, ValueError, OSError) as e:
+        sys.exit(f"minibert.data: could not put MASSIVE in place: {e}")

@@ -1,6 +1,11 @@
 """Every hyperparameter of a run, and the paper's experiments as presets over them."""
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
+
+from torch import nn
+
+from .model import BertConfig, Layer
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,89 @@ class TrainConfig:
         return config
 
     @property
+    def lora_target_list(self):
+        """--lora-targets "query, value" → ["query", "value"]: names, spaces stripped."""
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+
+    @property
     def stage1_epochs(self):
         """Contrastive epochs; -1 in a preset means "as many as the classifier gets"."""
         if self.loss == "ce":
             return 0
         return self.epochs if self.contrastive_epochs < 0 else self.contrastive_epochs
+
+    def check(self, world=1):
+        """Raise ValueError("--flag value: what is wrong; what to do") for the first setting that
+        cannot work, so that a bad flag fails in a second, before data or weights load. `world`
+        is the number of training processes (torchrun's WORLD_SIZE)."""
+        for name, ok, must in [
+            ("epochs", self.epochs >= 1, "must be at least 1"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("lr", 0 < self.lr < math.inf, "must be a finite number above 0"),
+            ("max_len", self.max_len >= 3, "must be at least 3: [CLS], one word-piece, [SEP]"),
+            ("drop_rate", 0 <= self.drop_rate < 1, "must be at least 0 and below 1"),
+            ("hidden_dim", self.hidden_dim >= 1, "must be at least 1"),
+            ("adam_eps", 0 < self.adam_eps < math.inf, "must be a finite number above 0"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "must be a finite number, 0 or more"),
+            ("max_grad_norm", 0 <= self.max_grad_norm < math.inf, "must be a finite number, 0 or more "
+             "(0 turns clipping off)"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be 0 or more"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be at least 0 and below 1"),
+            ("swa_start", 0 <= self.swa_start < 1, "must be at least 0 and below 1 (a fraction of --epochs)"),
+            ("swa_lr", 0 <= self.swa_lr < math.inf, "must be a finite number, 0 or more"),
+            ("swa_anneal_epochs", self.swa_anneal_epochs >= 1, "must be at least 1"),
+            ("lora_r", self.lora_r >= 0, "must be 0 or more (0 fine-tunes every weight)"),
+            ("lora_alpha", 0 < self.lora_alpha < math.inf, "must be a finite number above 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "must be at least 0 and below 1"),
+            ("temperature", 0 < self.temperature < math.inf, "must be a finite number above 0"),
+            ("contrastive_epochs", self.contrastive_epochs >= -1, "must be 0 or more, or -1 for as many as --epochs"),
+        ]:
+            if not ok:  # written so that NaN fails every test too
+                raise ValueError(f"{flag(name)} {getattr(self, name)}: {must}")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} and --warmup-ratio {self.warmup_ratio} both set "
+                             "the warmup; pass --warmup-ratio 0 or --warmup-steps 0")
+        unknown = [t for t in self.lora_target_list if t not in LORA_TARGETS]
+        if unknown or not self.lora_target_list:
+            what = f"no Linear module is named {' or '.join(unknown)}" if unknown else "names no module"
+            raise ValueError(f"--lora-targets {self.lora_targets!r}: {what}; give comma-separated names "
+                             f"from {','.join(LORA_TARGETS)}")
+        if self.loss != "ce" and self.contrastive_epochs == 0:
+            raise ValueError(f"--loss {self.loss} with --contrastive-epochs 0 would train cross-entropy alone; pass "
+                             f"--contrastive-epochs N (or -1: as many as --epochs, as --experiment {self.loss} does), "
+                             "or --loss ce")
+        if self.loss == "ce" and self.contrastive_epochs > 0:
+            raise ValueError(f"--contrastive-epochs {self.contrastive_epochs} with --loss ce: there is no contrastive "
+                             "stage to run; pass --loss supcon or --loss simclr, or --contrastive-epochs 0")
+        last = int(self.swa_start * self.epochs)
+        if self.swa and last >= self.epochs - 1:
+            raise ValueError(f"--swa with --epochs {self.epochs} and --swa-start {self.swa_start} averages no epoch: "
+                             f"SWA averages after the epochs past int(swa_start x epochs) = {last} (0-based); "
+                             "pass more --epochs or a lower --swa-start")
+        if world > self.batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} is smaller than the {world} processes (WORLD_SIZE): "
+                             f"each needs a sentence of every batch; pass --batch-size {world} or more")
+        if world > 1 and self.stage1_epochs:
+            raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
+                             "would be split across processes); start a single process")
+
+    def check_model(self, encoder):
+        """The checks that need the pretrained model's BertConfig (read before its weights load)."""
+        if self.max_len > encoder.max_position_embeddings:
+            raise ValueError(f"--max-len {self.max_len}: the model has {encoder.max_position_embeddings} positions "
+                             f"(max_position_embeddings in its config.json); pass --max-len "
+                             f"{encoder.max_position_embeddings} or less")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+# What --lora-targets may name: the Linear modules of an encoder layer (model.py fixes the names,
+# so a one-unit layer lists them).
+LORA_TARGETS = tuple(name for name, module in Layer(BertConfig(hidden_size=1, num_attention_heads=1,
+                                                                intermediate_size=1)).named_children()
+                     if isinstance(module, nn.Linear))
 
 
 CHOICES = {

@@ -35,8 +35,8 @@ def check_sha256(path, expected, source):
     actual = sha256_of(path)
     if actual != expected:
         Path(path).unlink(missing_ok=True)
-        raise DownloadError(f"{source}: sha256 {actual} does not match the expected {expected}; "
-                            "the file was deleted")
+        raise DownloadError(f"{source}: sha256 {actual} does not match the expected {expected} (a damaged or "
+                            "different file); nothing was kept")
 
 
 def download(url, dest, sha256=None, timeout=10.0):
@@ -49,6 +49,8 @@ def download(url, dest, sha256=None, timeout=10.0):
     part = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+            # Said once the server answers: a machine that cannot connect prints the error alone.
+            print(f"minibert: downloading {url}", file=sys.stderr)
             total = int(response.headers.get("Content-Length") or 0)
             received = _copy_with_progress(response, out, total, dest.name)
         if total and received != total:
@@ -58,7 +60,8 @@ def download(url, dest, sha256=None, timeout=10.0):
     except urllib.error.HTTPError as e:
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise DownloadError(f"{url}: {getattr(e, 'reason', None) or e!r}") from None
+        reason = getattr(e, "reason", None) or e
+        raise DownloadError(f"{url}: {getattr(reason, 'strerror', None) or reason or type(reason).__name__}") from None
     finally:
         part.unlink(missing_ok=True)
     return dest

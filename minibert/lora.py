@@ -48,7 +48,14 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
-    """Freeze every parameter of `model`, then wrap each Linear whose name is in `targets`."""
+    """Freeze every parameter of `model`, then wrap each Linear whose name is in `targets`.
+    Every target must name at least one Linear: a typo would otherwise adapt less than asked."""
+    linear = {child_name for module in model.modules() for child_name, child in module.named_children()
+              if isinstance(child, nn.Linear)}
+    unknown = [t for t in targets if t not in linear]
+    if unknown or not targets:
+        what = f"no Linear module is named {' or '.join(unknown)}" if unknown else "names no module"
+        raise ValueError(f"LoRA targets {','.join(targets)!r}: {what}; choose from {','.join(sorted(linear))}")
     model.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
@@ -56,8 +63,6 @@ def apply_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
-    if not wrapped:
-        raise ValueError(f"no Linear module is named {' or '.join(targets)}")
     return wrapped
 
 

