@@ -6,6 +6,9 @@
 
 A preset (minibert/experiments.py) fixes the paper's hyperparameters; every flag overrides it.
 Records go to runs/<experiment>-<model>-s<seed>/ (see minibert/runs.py).
+
+The script reads in three parts: setup() builds the run (or restores it from its checkpoint),
+train_epoch() is the loop, finish() evaluates and writes the records.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import shlex
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,17 +29,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from minibert.classifier import ContrastiveModel, ScenarioClassifier
+from minibert.cli import Parser
 from minibert.data import batch_order, encode, load_massive
-from minibert.evaluation import evaluate
+from minibert.evaluation import contrastive_metrics, evaluate
 from minibert.experiments import CHOICES, FIELDS, PRESETS
+from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import supcon_loss
 from minibert.model import count_parameters
 from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, peak_memory, save_checkpoint,
                            save_tensors, trainable_state, write_json, write_jsonl)
-from minibert.schedule import linear_warmup
+from minibert.schedule import linear_warmup, warmup_steps
 from minibert.swa import WeightAverage, swa_lr
-from minibert.weights import load_pretrained
+from minibert.weights import load_pretrained, read_config
 
 FLAG_HELP = {
     "model": "auto (bert-base-uncased, else the embedded all-MiniLM-L6-v2), a model name, or a folder",
@@ -53,9 +59,9 @@ FLAG_HELP = {
     "max_grad_norm": "clip the gradient norm to this; 0 turns clipping off",
     "scheduler": "learning-rate schedule: constant, or linear warmup then decay to zero",
     "warmup_steps": "linear schedule: warmup steps",
-    "warmup_ratio": "linear schedule: warmup as a fraction of all steps (overrides --warmup-steps)",
+    "warmup_ratio": "linear schedule: warmup as a fraction of all steps (instead of --warmup-steps)",
     "swa": "stochastic weight averaging over the last epochs",
-    "swa_start": "SWA starts at epoch int(swa_start x epochs)",
+    "swa_start": "SWA averages after every epoch past int(swa_start x epochs) (0-based), as torch's loop",
     "swa_lr": "SWA: the rate annealed to",
     "swa_anneal_epochs": "SWA: epochs to anneal over",
     "swa_anneal": "SWA: annealing curve, cos or linear",
@@ -71,8 +77,8 @@ FLAG_HELP = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--experiment", choices=sorted(PRESETS), default="baseline",
                    help="preset of the paper's hyperparameters; flags below override it")
     for name, help in FLAG_HELP.items():
@@ -94,25 +100,40 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     p.add_argument("--no-test", action="store_true",
                    help="never evaluate on the test split (for choosing hyperparameters on dev)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.log_every < 1:
+        p.error(f"argument --log-every: must be at least 1, not {args.log_every}")
+    return args
 
 
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("train.py: --device cuda, but torch sees no CUDA device")
+        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     if name == "mps" and not torch.backends.mps.is_available():
-        sys.exit("train.py: --device mps, but torch sees no Apple GPU")
+        raise ValueError("--device mps, but torch sees no Apple GPU; use --device cpu or auto")
     return torch.device(name)
+
+
+def world_size():
+    """How many processes train: torchrun's WORLD_SIZE, 1 without it."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE={value!r}: not a number of processes; start several with "
+                         "torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE")
+    return int(value)
 
 
 def setup_distributed(device):
     """→ (rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
     between GPUs, gloo between CPU processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world == 1:
         return 0, 1
+    if not all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise ValueError(f"WORLD_SIZE={world} but no RANK, LOCAL_RANK, MASTER_ADDR or MASTER_PORT: start several "
+                         "processes with torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -131,247 +152,376 @@ def pick_precision(device, name):
     return name, lambda: torch.autocast(device.type, dtype=dtype), scaler
 
 
+@dataclass
+class Run:
+    """Everything a training run holds from one epoch to the next."""
+    config: object
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    precision: str
+    autocast: object
+    scaler: object
+    labels: tuple
+    tokenizer: object
+    model: ScenarioClassifier
+    contrastive: ContrastiveModel
+    trained: nn.ModuleDict  # every module that trains, under one name space for checkpoints
+    forward: nn.Module  # what the classifier's gradients flow through (model or head; DDP-wrapped)
+    splits: dict  # train / dev / test, encoded
+    run_dir: Path
+    optimizer: torch.optim.Optimizer
+    average: WeightAverage
+    start_epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def main_process(self):
+        return self.rank == 0
+
+    def log(self, *args, **kwargs):
+        if self.main_process:
+            print(*args, **kwargs)
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(len(self.splits["train"]) / self.config.batch_size)
+
+    @property
+    def checkpoint(self):
+        return self.run_dir / "checkpoint.safetensors"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        config = PRESETS[args.experiment].override(**{k: getattr(args, k) for k in FLAG_HELP})
-    except ValueError as e:
+        run = setup(args)
+        for epoch in range(run.start_epoch, run.config.stage1_epochs + run.config.epochs):
+            train_epoch(run, epoch)
+        return finish(run, argv)
+    except (ValueError, DownloadError) as e:
         sys.exit(f"train.py: {e}")
+
+
+# ---- setup --------------------------------------------------------------------------------------
+
+def setup(args):
+    config = PRESETS[args.experiment].override(**{k: getattr(args, k) for k in FLAG_HELP})
+    config.check(world_size())  # every flag, before anything heavy loads: a bad one costs a second
+    if args.out:
+        check_run_dir(Path(args.out), args.resume)
     device = pick_device(args.device)
     rank, world = setup_distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    main_process = rank == 0
-    log = print if main_process else (lambda *a, **k: None)
-    if world > 1 and config.stage1_epochs:
-        sys.exit("train.py: the contrastive stage runs in one process only (its negatives would be "
-                 "split across processes)")
     precision, autocast, scaler = pick_precision(device, args.precision)
 
-    # ---- data, model, run folder -------------------------------------------------------------
     data = load_massive(args.data, labels=config.labels)
+    if world > 1:  # one process fetches missing weights; the others wait, then read them
+        if rank == 0:
+            read_config(config.model)
+        dist.barrier()
+    name, encoder_config = read_config(config.model)
+    config.check_model(encoder_config)  # the model's limits, before its weights load
     torch.manual_seed(config.seed)
-    encoder, tokenizer, _ = load_pretrained(config.model)
+    encoder, tokenizer, _ = load_pretrained(name)
     if config.lora_r:
-        apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets.split(","))
+        apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_list)
     model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate)
     contrastive = ContrastiveModel(encoder, config.drop_rate) if config.stage1_epochs else None
-    # Everything that trains, under one name space for checkpoints (the encoder is shared).
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
     trained.to(device)
-    # Under torchrun every process holds a replica; DDP averages the gradients in backward.
-    forward = DistributedDataParallel(model) if world > 1 else model
-    train, dev, test = (encode(tokenizer, split, data.label_ids(split, config.labels), config.max_len)
-                        for split in (data.train, data.dev, data.test))
+    # What the classifier's gradients flow through: the whole model, or the head alone for a
+    # probe. Under torchrun every process holds a replica and DDP averages the gradients.
+    forward = model.head if config.stage2 == "probe" else model
+    if world > 1:
+        forward = DistributedDataParallel(forward)
+    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), config.labels),
+                           config.max_len) for name in ("train", "dev", "test")}
     run_dir = Path(args.out or f"runs/{config.experiment}-{Path(encoder.name).name}-s{config.seed}")
     check_run_dir(run_dir, args.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    stage1 = config.stage1_epochs
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    average = WeightAverage(model) if config.swa else None
-    start_epoch, step, history = 0, 0, []
-    optimizer = make_optimizer(config, trained, device, contrastive_stage=stage1 > 0)
-    checkpoint = run_dir / "checkpoint.safetensors"
-    if args.resume and checkpoint.exists():
-        try:
-            saved = checkpoint_state(checkpoint)
-            check_same_config(saved["config"], config.to_dict(), run_dir)
-            start_epoch = saved["epoch"]
-            # AdamW's moments carry over only within a stage: stage 2 starts with a fresh optimizer.
-            optimizer = make_optimizer(config, trained, device, contrastive_stage=start_epoch < stage1)
-            same_stage = (start_epoch < stage1) == (start_epoch - 1 < stage1)
-            state = load_checkpoint(checkpoint, trained, optimizer if same_stage else None, average)
-        except ValueError as e:
-            sys.exit(f"train.py: cannot resume: {e}")
-        step, history = state["step"], state["history"]
-        log(f"resuming {run_dir} after epoch {start_epoch}")
-    log(f"{config.experiment}: {encoder.name}, {len(data.labels)} labels, {len(train)} train sentences, "
-          f"{steps_per_epoch} steps/epoch, {stage1} contrastive + {config.epochs} classifier epochs, "
-          f"{device.type} {precision}" + (f", {world} processes" if world > 1 else ""))
-
-    # ---- the loop: forward, loss, backward, clip, step, schedule, log ------------------------
-    for epoch in range(start_epoch, stage1 + config.epochs):
-        contrastive_stage = epoch < stage1
-        if epoch == stage1 and stage1:
-            optimizer = make_optimizer(config, trained, device, contrastive_stage=False)
-        trained.train()
-        probe = not contrastive_stage and config.stage2 == "probe"
-        if probe:
-            encoder.eval()  # a frozen encoder: no dropout either
-        # The shuffle depends on (seed, epoch) alone, so a resumed run sees the same batches.
-        order = batch_order(train, config.batch_size, torch.Generator().manual_seed(config.seed * 1000 + epoch),
-                            bucket=config.bucket)
-        # Dropout draws from a stream fixed by (seed, epoch, process), so a resumed run, which
-        # restarts at an epoch boundary, draws exactly what the uninterrupted run drew.
-        torch.manual_seed(config.seed * 1000 + epoch + 1_000_003 * rank)
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        window, window_start = 0, time.perf_counter()
-        for i, index in enumerate(order, start=1):
-            if contrastive_stage:
-                lr = config.lr
-            else:  # the schedule counts the classifier's own epochs and steps
-                e = epoch - stage1
-                lr = learning_rate(config, e, e * steps_per_epoch + i - 1, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Each process takes every world-th sentence of the batch: its shard of the epoch.
-            input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                                 for t in train.batch(index[rank::world]))
-            with autocast():
-                if contrastive_stage:
-                    views = contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
-                    loss = supcon_loss(views, labels if config.loss == "supcon" else None,
-                                       config.temperature, config.temperature)
-                else:
-                    if probe:
-                        with torch.no_grad():
-                            cls = model.embed(input_ids, attention_mask)
-                        logits = model.head(model.dropout(cls))
-                    else:
-                        logits = forward(input_ids, attention_mask)
-                    # The mean over the whole batch; DDP divides the summed gradients by world.
-                    loss = F.cross_entropy(logits.float(), labels, reduction="sum") * world / len(index)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               config.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
-            loss_sum += loss.detach()
-            if not contrastive_stage:
-                correct += (logits.argmax(1) == labels).sum()
-            window += len(index)
-            if i % args.log_every == 0 or i == len(order):
-                mean_loss = check_finite(loss_sum.item() / i, epoch, i, run_dir)
-                rate = window / (time.perf_counter() - window_start)
-                eta = (len(order) - i) * config.batch_size / rate
-                log(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
-                      f"lr {lr:.2e} {rate:.1f} samples/s epoch ETA {eta:.0f}s", flush=True)
-                window, window_start = 0, time.perf_counter()
-        train_seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "stage": "contrastive" if contrastive_stage else "classifier", "step": step,
-               "lr": lr, "train_loss": loss_sum.item() / len(order)}
-        if not contrastive_stage:
-            if average is not None and epoch - stage1 >= swa_start_epoch(config):
-                average.update()
-            dev_metrics = evaluate(model, dev, device, autocast)
-            if world > 1:
-                dist.all_reduce(correct)
-            row.update(train_accuracy=correct.item() / len(train), dev_loss=dev_metrics["loss"],
-                       dev_accuracy=dev_metrics["accuracy"])
-        row.update(train_seconds=train_seconds, samples_per_second=len(train) / train_seconds,
-                   wall_seconds=time.perf_counter() - started)
-        history.append(row)
-        log(f"epoch {epoch + 1} ({row['stage']}): " + " ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_l", "train_a", "dev_"))), flush=True)
-        if main_process:  # replicas are identical: one process writes
-            write_jsonl(run_dir / "metrics.jsonl", history)
-            save_checkpoint(checkpoint, trained, optimizer, averaged=average,
-                            state={"epoch": epoch + 1, "step": step, "history": history, "config": config.to_dict()})
-
-    # ---- test, and the records ---------------------------------------------------------------
-    swa_dev = None
-    if average is not None and average.n_averaged:
-        average.copy_to_model()  # the averaged weights are the ones evaluated and saved
-        swa_dev = evaluate(model, dev, device, autocast)
-        log(f"SWA average of {average.n_averaged} epochs: dev accuracy {swa_dev['accuracy']:.4f}")
-    final_dev = swa_dev or evaluate(model, dev, device, autocast)
-    test_metrics = None if args.no_test else evaluate(model, test, device, autocast)
-    if test_metrics:
-        log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
-            f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
-    if world > 1:
-        dist.destroy_process_group()
-    if not main_process:
-        return run_dir
-    save_model(run_dir, model, tokenizer, data.labels, config)
-    classifier_rows = [h for h in history if h["stage"] == "classifier"]
-    write_json(run_dir / "results.json", {
-        "format": FORMAT,
-        "experiment": config.experiment,
-        "model": encoder.name,
-        "model_requested": config.model,
-        "hyperparameters": config.to_dict(),
-        "seed": config.seed,
-        "device": device_name(device) + (f" × {world} processes" if world > 1 else ""),
-        "precision": precision,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "test": test_metrics,
-        "dev": final_dev,
-        "dev_accuracy_per_epoch": [h["dev_accuracy"] for h in classifier_rows],
-        "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier_rows],
-        "contrastive_loss_per_epoch": [h["train_loss"] for h in history if h["stage"] == "contrastive"],
-        "swa": {"n_averaged": average.n_averaged, "dev": swa_dev} if average is not None else None,
-        **parameter_counts(model),
-        "wall_seconds": sum(h["wall_seconds"] for h in history),
-        "samples_per_second": len(train) * len(history) / sum(h["train_seconds"] for h in history),
-        "ms_per_step": 1000 * sum(h["train_seconds"] for h in history) / (len(history) * steps_per_epoch),
-        **peak_memory(device),
-        "command": "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-    })
-    # The run is complete: its record and weights are written, so the training state can go.
-    checkpoint.unlink(missing_ok=True)
-    print(f"wrote {run_dir}/results.json")
-    return run_dir
+    run = Run(config, args, device, rank, world, precision, autocast, scaler, data.labels, tokenizer, model,
+              contrastive, trained, forward, splits, run_dir, optimizer=None,
+              average=WeightAverage(model) if config.swa else None)
+    run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
+    if args.resume and run.checkpoint.exists():
+        restore(run)
+    run.log(f"{config.experiment}: {encoder.name}, {len(data.labels)} labels, {len(splits['train'])} train "
+            f"sentences, {run.steps_per_epoch} steps/epoch, {config.stage1_epochs} contrastive + {config.epochs} "
+            f"classifier epochs, {device.type} {precision}" + (f", {world} processes" if world > 1 else ""))
+    return run
 
 
-def make_optimizer(config, trained, device, contrastive_stage):
+def restore(run):
+    """Continue from the checkpoint of the last completed epoch, or refuse if it was another run."""
+    saved = checkpoint_state(run.checkpoint)
+    check_same_config(saved["config"], run.config.to_dict(), run.run_dir)
+    for what, now in (("precision", run.precision), ("processes", run.world)):
+        then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
+        if then != now:
+            raise ValueError(f"cannot resume {run.run_dir}: it was trained with {what} {then}, not {now}; "
+                             f"resume it as it started, or train again with another --out")
+    stage1 = run.config.stage1_epochs
+    run.start_epoch = saved["epoch"]
+    # AdamW's moments carry over only within a stage: stage 2 starts with a fresh optimizer.
+    run.optimizer = make_optimizer(run, contrastive_stage=run.start_epoch < stage1)
+    same_stage = (run.start_epoch < stage1) == (run.start_epoch - 1 < stage1)
+    state = load_checkpoint(run.checkpoint, run.trained, run.optimizer if same_stage else None, run.average)
+    if run.scaler is not None and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.history = state["step"], state["history"]
+    run.log(f"resuming {run.run_dir} after epoch {run.start_epoch}")
+
+
+def make_optimizer(run, contrastive_stage):
     """AdamW over what trains in this stage: the encoder and projection head (contrastive), or
     the classifier (a probe trains its head alone)."""
     if contrastive_stage:
-        module = trained["contrastive"]
-    elif config.stage2 == "probe":
-        module = trained["classifier"].head
+        module = run.trained["contrastive"]
+    elif run.config.stage2 == "probe":
+        module = run.model.head
     else:
-        module = trained["classifier"]
+        module = run.model
     params = [p for p in module.parameters() if p.requires_grad]
     # The fused kernel updates each tensor in one pass over memory: on the CPU it is ~4x faster
     # than the default, and the optimizer step is a third of a step's time on a small BERT.
-    return torch.optim.AdamW(params, lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay,
-                             fused=device.type in ("cpu", "cuda"))
+    return torch.optim.AdamW(params, lr=run.config.lr, eps=run.config.adam_eps,
+                             weight_decay=run.config.weight_decay, fused=run.device.type in ("cpu", "cuda"))
 
+
+# ---- one epoch: forward, loss, backward, clip, step, schedule, log -----------------------------
+
+def train_epoch(run, epoch):
+    config, stage1 = run.config, run.config.stage1_epochs
+    contrastive_stage = epoch < stage1
+    if epoch == stage1 and stage1:
+        run.optimizer = make_optimizer(run, contrastive_stage=False)
+    run.trained.train()
+    if not contrastive_stage and config.stage2 == "probe":
+        run.model.encoder.eval()  # a frozen encoder: no dropout either
+    # The shuffle depends on (seed, epoch) alone, so a resumed run sees the same batches.
+    order = batch_order(run.splits["train"], config.batch_size,
+                        torch.Generator().manual_seed(config.seed * 1000 + epoch), bucket=config.bucket)
+    # Dropout draws from a stream fixed by (seed, epoch, process), so a resumed run, which
+    # restarts at an epoch boundary, draws exactly what the uninterrupted run drew.
+    torch.manual_seed(config.seed * 1000 + epoch + 1_000_003 * run.rank)
+    started = time.perf_counter()
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    window, window_start = 0, time.perf_counter()
+    for i, index in enumerate(order, start=1):
+        lr = learning_rate(config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss, logits, labels = batch_loss(run, index, contrastive_stage)     # forward, loss
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler:                                                       # backward
+            run.scaler.scale(loss).backward()
+            run.scaler.unscale_(run.optimizer)
+        else:
+            loss.backward()
+        if config.max_grad_norm:                                             # clip
+            torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                           config.max_grad_norm)
+        if run.scaler:                                                       # step
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.step += 1                                                        # schedule: the next lr above
+        loss_sum += loss.detach()
+        if logits is not None:
+            correct += (logits.argmax(1) == labels).sum()
+        window += len(index)
+        if i % run.args.log_every == 0 or i == len(order):                   # log
+            mean_loss = check_finite(loss_sum.item() / i, epoch, i, run.run_dir)
+            rate = window / (time.perf_counter() - window_start)
+            eta = (len(order) - i) * config.batch_size / rate
+            run.log(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
+                    f"lr {lr:.2e} {rate:.1f} samples/s epoch ETA {eta:.0f}s", flush=True)
+            window, window_start = 0, time.perf_counter()
+    end_of_epoch(run, epoch, order, loss_sum, correct, lr, time.perf_counter() - started)
+
+
+def batch_loss(run, index, contrastive_stage):
+    """Forward and loss of one batch → (loss, logits or None, labels). Each process takes every
+    world-th sentence of the batch: its shard."""
+    config = run.config
+    input_ids, attention_mask, labels = (t.to(run.device, non_blocking=True)
+                                         for t in run.splits["train"].batch(index[run.rank::run.world]))
+    with run.autocast():
+        if contrastive_stage:
+            views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
+            loss = supcon_loss(views, labels if config.loss == "supcon" else None,
+                               config.temperature, config.temperature)
+            return loss, None, labels
+        if config.stage2 == "probe":
+            with torch.no_grad():
+                cls = run.model.embed(input_ids, attention_mask)
+            logits = run.forward(run.model.dropout(cls))
+        else:
+            logits = run.forward(input_ids, attention_mask)
+        # The mean over the whole batch, whatever this process's share of it: DDP divides the
+        # summed gradients by world, so each process scales its sum by world / batch.
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum") * run.world / len(index)
+    return loss, logits, labels
+
+
+def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
+    """Average SWA, evaluate on dev, append the epoch's row, write the checkpoint."""
+    config, stage1 = run.config, run.config.stage1_epochs
+    contrastive_stage = epoch < stage1
+    if run.world > 1:  # every process saw its shard: the epoch's figures are their sum
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(correct)
+        loss_sum /= run.world
+    started = time.perf_counter()
+    row = {"epoch": epoch + 1, "stage": "contrastive" if contrastive_stage else "classifier", "step": run.step,
+           "lr": lr, "train_loss": loss_sum.item() / len(order)}
+    if contrastive_stage and epoch == stage1 - 1:
+        row.update(contrastive_record(run))
+    if not contrastive_stage:
+        if averages_after(config, epoch - stage1):
+            run.average.update()
+        dev = evaluate(run.model, run.splits["dev"], run.device, run.autocast)
+        row.update(train_accuracy=correct.item() / len(run.splits["train"]), dev_loss=dev["loss"],
+                   dev_accuracy=dev["accuracy"])
+    row.update(train_seconds=train_seconds, samples_per_second=len(run.splits["train"]) / train_seconds,
+               wall_seconds=train_seconds + time.perf_counter() - started)
+    run.history.append(row)
+    run.log(f"epoch {epoch + 1} ({row['stage']}): " + " ".join(
+        f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_l", "train_a", "dev_", "test_"))), flush=True)
+    if run.main_process:  # replicas are identical: one process writes
+        write_jsonl(run.run_dir / "metrics.jsonl", run.history)
+        state = {"epoch": epoch + 1, "step": run.step, "history": run.history, "config": config.to_dict(),
+                 "precision": run.precision, "processes": run.world}
+        if run.scaler is not None:
+            state["scaler"] = run.scaler.state_dict()
+        save_checkpoint(run.checkpoint, run.trained, run.optimizer, averaged=run.average, state=state)
+
+
+def contrastive_record(run):
+    """At the end of stage 1, what the paper reports as a contrastive row's "loss": the stage-1
+    loss of the encoder with its projection head, on dev and test, in fp32. The projection head,
+    which stage 2 no longer uses, is kept in the run folder."""
+    if run.main_process:
+        save_tensors(run.run_dir / "projection.safetensors", run.contrastive.projection.state_dict())
+    labelled = run.config.loss == "supcon"
+    record = {}
+    for split in ("dev",) + (() if run.args.no_test else ("test",)):
+        # Its own fixed dropout stream: the two views of every sentence are the same on a re-run.
+        torch.manual_seed(run.config.seed * 1000 + 999_999)
+        metrics = contrastive_metrics(run.contrastive, run.splits[split], run.device, labelled,
+                                      run.config.temperature)
+        record.update({f"{split}_contrastive_loss": metrics["loss"],
+                       f"{split}_contrastive_loss_paper_sum": metrics["loss_paper_sum"]})
+    return record
+
+
+# ---- the learning rate and SWA, as torch's documented SWA loop has them -------------------------
 
 def swa_start_epoch(config):
     return int(config.swa_start * config.epochs)
 
 
-def learning_rate(config, epoch, step, steps_per_epoch):
-    """The rate for the classifier's next optimizer step, `step` steps into its `epoch`-th epoch.
+def averages_after(config, epoch):
+    """torch.optim.swa_utils' loop: `if epoch > swa_start: swa_model.update_parameters(model);
+    swa_scheduler.step()` after each (0-based) classifier epoch. 10 epochs: epochs 8 and 9."""
+    return config.swa and epoch > swa_start_epoch(config)
 
-    Constant, or linear warmup and decay (§3.2.1). With SWA, from its first epoch on the rate is
-    SWALR's, once per epoch, annealing from whatever the schedule had reached at that point."""
+
+def learning_rate(config, epoch, step, steps_per_epoch):
+    """The rate for the classifier's next optimizer step, `step` steps into training, in its
+    `epoch`-th epoch (both 0-based; the contrastive stage runs at the constant peak rate).
+
+    Constant, or linear warmup and decay (§3.2.1), which steps after every optimizer step. With
+    SWA, torch's loop hands over after epoch swa_start: the ordinary schedule has run through it,
+    and SWALR, stepped once after each averaged epoch, anneals from the rate it left."""
+    if epoch < 0:
+        return config.lr
     total = config.epochs * steps_per_epoch
-    warmup = round(config.warmup_ratio * total) if config.warmup_ratio else config.warmup_steps
+    warmup = warmup_steps(total, config.warmup_steps, config.warmup_ratio)
 
     def scheduled(s):
         return config.lr * (linear_warmup(s, warmup, total) if config.scheduler == "linear" else 1.0)
 
     start = swa_start_epoch(config)
-    if config.swa and epoch >= start:
-        return swa_lr(epoch - start, scheduled(start * steps_per_epoch), config.swa_lr,
-                      config.swa_anneal_epochs, config.swa_anneal)
+    if config.swa and epoch > start:
+        handover = scheduled((start + 1) * steps_per_epoch)
+        return swa_lr(epoch - start - 1, handover, config.swa_lr, config.swa_anneal_epochs, config.swa_anneal)
     return scheduled(step)
+
+
+# ---- finish: test, and the records --------------------------------------------------------------
+
+def finish(run, argv):
+    config, model, device = run.config, run.model, run.device
+    average = run.average
+    swa_dev = None
+    if average is not None and average.n_averaged:
+        average.copy_to_model()  # the averaged weights are the ones evaluated and saved
+    # The figures compared with the paper are computed in fp32, whatever the training precision.
+    final_dev = evaluate(model, run.splits["dev"], device)
+    if average is not None and average.n_averaged:
+        swa_dev = final_dev
+        run.log(f"SWA average of {average.n_averaged} epochs: dev accuracy {swa_dev['accuracy']:.4f}")
+    test_metrics = None if run.args.no_test else evaluate(model, run.splits["test"], device)
+    if test_metrics:
+        run.log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
+                f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
+    if run.world > 1:
+        dist.destroy_process_group()
+    if not run.main_process:
+        return run.run_dir
+    save_model(run.run_dir, model, run.tokenizer, run.labels, config)
+    history = run.history
+    classifier_rows = [h for h in history if h["stage"] == "classifier"]
+    contrastive_rows = [h for h in history if h["stage"] == "contrastive"]
+    stage1_end = contrastive_rows[-1] if contrastive_rows else {}
+    write_json(run.run_dir / "results.json", {
+        "format": FORMAT,
+        "experiment": config.experiment,
+        "model": model.encoder.name,
+        "model_requested": config.model,
+        "hyperparameters": config.to_dict(),
+        "seed": config.seed,
+        "device": device_name(device) + (f" × {run.world} processes" if run.world > 1 else ""),
+        "precision": run.precision,
+        "eval_precision": "fp32",  # dev and test below; per-epoch dev figures use `precision`
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "test": test_metrics,
+        "dev": final_dev,
+        "contrastive": {k: v for k, v in stage1_end.items() if "_contrastive_" in k} or None,
+        "dev_accuracy_per_epoch": [h["dev_accuracy"] for h in classifier_rows],
+        "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier_rows],
+        "contrastive_loss_per_epoch": [h["train_loss"] for h in contrastive_rows],
+        "swa": {"n_averaged": average.n_averaged, "dev": swa_dev} if average is not None else None,
+        **parameter_counts(model),
+        "wall_seconds": sum(h["wall_seconds"] for h in history),
+        "samples_per_second": len(run.splits["train"]) * len(history) / sum(h["train_seconds"] for h in history),
+        "ms_per_step": 1000 * sum(h["train_seconds"] for h in history) / (len(history) * run.steps_per_epoch),
+        **peak_memory(device),
+        "command": "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    })
+    # The run is complete: its record and weights are written, so the training state can go.
+    run.checkpoint.unlink(missing_ok=True)
+    print(f"wrote {run.run_dir}/results.json")
+    return run.run_dir
 
 
 def check_run_dir(run_dir, resume):
     """Never overwrite a run silently: its checkpoint could be hours of work."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
     existing = [f for f in ("checkpoint.safetensors", "results.json") if (run_dir / f).exists()]
     if existing and not resume:
-        sys.exit(f"train.py: {run_dir} already holds a run ({', '.join(existing)}); "
-                 "pass --resume to continue it, or --out to write elsewhere")
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(existing)}); "
+                         "pass --resume to continue it, or --out to write elsewhere")
     if resume and (run_dir / "results.json").exists():
         print(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
         sys.exit(0)
@@ -383,14 +533,14 @@ def check_same_config(saved, current, run_dir):
     differ = [k for k in current if saved[k] != current[k]]
     if differ:
         details = ", ".join(f"{k}: {saved[k]!r} → {current[k]!r}" for k in differ)
-        sys.exit(f"train.py: cannot resume {run_dir} with other hyperparameters ({details})")
+        raise ValueError(f"cannot resume {run_dir} with other hyperparameters ({details})")
 
 
 def check_finite(loss, epoch, step, run_dir):
     if not math.isfinite(loss):
         kept = f"the checkpoint of epoch {epoch} is kept in {run_dir}" if epoch else "no epoch had completed"
-        sys.exit(f"train.py: the loss became {loss} at epoch {epoch + 1} step {step}; stopping. "
-                 f"{kept}. Try a lower --lr, or --precision fp32/bf16 instead of fp16.")
+        raise ValueError(f"the loss became {loss} at epoch {epoch + 1} step {step}; stopping. "
+                         f"{kept}. Try a lower --lr, or --precision fp32/bf16 instead of fp16.")
     return loss
 
 
@@ -409,7 +559,7 @@ def save_model(run_dir, model, tokenizer, labels, config):
     # reloaded by name); without the head a reloaded adapter would predict at random.
     save_tensors(run_dir / "model.safetensors", trainable_state(model) if config.lora_r else model.state_dict())
     lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "targets": config.lora_targets.split(",")} if config.lora_r else None
+            "targets": config.lora_target_list} if config.lora_r else None
     tokenizer.backend.save(str(run_dir / "tokenizer.json"))
     write_json(run_dir / "model.json", {
         "format": FORMAT,

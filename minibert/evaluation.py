@@ -6,6 +6,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from .losses import supcon_loss
+
 PAPER_BATCH = 16  # the paper's "loss" is a sum over test batches of 16 of each batch's mean
 
 
@@ -60,3 +62,20 @@ def confused_pairs(logits, labels, names, top=5):
     values, flat = counts.flatten().topk(min(top, counts.numel()))
     return [{"true": names[i // len(names)], "predicted": names[i % len(names)], "count": int(v)}
             for v, i in zip(values.tolist(), flat.tolist()) if v > 0]
+
+
+@torch.no_grad()
+def contrastive_metrics(contrastive, encoded, device, labelled, temperature):
+    """A contrastive stage's loss on a split, as the paper reports it for its SupCon and SimCLR
+    rows: batches of 16 in the split's order, two dropout views of each sentence (dropout on, as
+    in training), SupCon with the labels or SimCLR without; fp32. Seed the global generator
+    first for a repeatable figure."""
+    was_training = contrastive.training
+    contrastive.train()
+    losses = []
+    for index in torch.arange(len(encoded)).split(PAPER_BATCH):
+        input_ids, attention_mask, labels = (t.to(device) for t in encoded.batch(index))
+        views = contrastive.views(input_ids, attention_mask)  # (B, 2, H)
+        losses.append(supcon_loss(views, labels if labelled else None, temperature, temperature).item())
+    contrastive.train(was_training)
+    return {"loss": sum(losses) / len(losses), "loss_paper_sum": sum(losses), "n_batches": len(losses)}

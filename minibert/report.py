@@ -10,6 +10,7 @@ section (between its two markers) is replaced by the report's tables.
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -43,6 +44,16 @@ def collect(folder):
     return {name: sorted(runs[name], key=lambda r: r["seed"]) for name in ORDER if name in runs}
 
 
+def paper_loss(result):
+    """The test loss the paper's table holds for this row, summed over batches as the paper sums
+    it: cross-entropy, or for a contrastive row (SupCon, SimCLR) its stage-1 contrastive loss
+    ("a higher loss ... is expected since these methods use contrastive loss"). None where a
+    contrastive run predates that record."""
+    if result["hyperparameters"].get("loss", "ce") == "ce":
+        return result["test"]["loss_paper_sum"]
+    return (result.get("contrastive") or {}).get("test_contrastive_loss_paper_sum")
+
+
 def summarise(runs):
     rows = {}
     for name, results in runs.items():
@@ -51,7 +62,9 @@ def summarise(runs):
             "seeds": [r["seed"] for r in results],
             "accuracy": mean_std(acc),
             "accuracy_per_seed": acc,
-            "loss_paper_sum": mean_std([r["test"]["loss_paper_sum"] for r in results]),
+            "loss_paper_sum": mean_std([paper_loss(r) for r in results])
+            if all(paper_loss(r) is not None for r in results) else None,
+            "loss_kind": "contrastive" if results[0]["hyperparameters"].get("loss", "ce") != "ce" else "cross-entropy",
             "loss_mean": mean_std([r["test"]["loss"] for r in results]),
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in results),
             "samples_per_second": statistics.fmean(r["samples_per_second"] or 0 for r in results)
@@ -64,6 +77,8 @@ def summarise(runs):
             "device": results[0]["device"],
             "commands": [r["command"] for r in results],
         }
+        n = results[0]["test"]["n"]
+        row["binomial_95"] = 1.96 * math.sqrt(row["accuracy"][0] * (1 - row["accuracy"][0]) / n)
         if name in PAPER:
             row["paper_loss_sum"], row["paper_accuracy"] = PAPER[name]
             row["accuracy_vs_paper"] = row["accuracy"][0] - PAPER[name][1]
@@ -79,12 +94,15 @@ def markdown(rows, figures):
         f"Model: {', '.join(models)}. Device: {', '.join(devices)}. Classifier epochs: "
         f"{', '.join(map(str, epochs))} (the paper: 10). The paper's numbers are bert-base-uncased, single runs.",
         "",
-        "| experiment | test accuracy (mean ± std) | per seed | paper | Δ vs paper | test loss, paper's sum "
-        "(mean ± std) | paper | per-example loss | trainable / all params | trainable % | wall s/run | samples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| experiment | test accuracy (mean ± std) | binomial 95 % | per seed | paper | Δ vs paper "
+        "| test loss, paper's sum (mean ± std)¹ | paper | per-example CE loss | trainable / all params "
+        "| trainable % | wall s/run | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         acc, loss = r["accuracy"], r["loss_paper_sum"]
+        summed = "–" if loss is None else f"{loss[0]:.2f} ± {loss[1]:.2f}"
+        summed += " (contr.)" if r["loss_kind"] == "contrastive" and loss else ""
         paper_acc = f"{r['paper_accuracy']:.4f}" if "paper_accuracy" in r else "–"
         delta = f"{100 * r['accuracy_vs_paper']:+.2f} pt" if "accuracy_vs_paper" in r else "–"
         paper_loss = f"{r['paper_loss_sum']:.2f}" if "paper_loss_sum" in r else "–"
@@ -92,20 +110,28 @@ def markdown(rows, figures):
         pct = f"{r['trainable_pct']:.4f}" if r["trainable_pct"] is not None else "–"
         rate = f"{r['samples_per_second']:.0f}" if r["samples_per_second"] else "–"
         lines.append(
-            f"| {name} | {acc[0]:.4f} ± {acc[1]:.4f} | {' '.join(f'{a:.4f}' for a in r['accuracy_per_seed'])} "
-            f"| {paper_acc} | {delta} | {loss[0]:.2f} ± {loss[1]:.2f} | {paper_loss} | {r['loss_mean'][0]:.4f} "
+            f"| {name} | {acc[0]:.4f} ± {acc[1]:.4f} | ± {r['binomial_95']:.4f} "
+            f"| {' '.join(f'{a:.4f}' for a in r['accuracy_per_seed'])} "
+            f"| {paper_acc} | {delta} | {summed} | {paper_loss} | {r['loss_mean'][0]:.4f} "
             f"| {params} | {pct} | {r['wall_seconds']:.0f} | {rate} |")
+    lines += ["", "¹ The sum of the test batches' mean loss (batches of 16), as the paper reports it: cross-entropy; "
+              "for SupCon and SimCLR, like the paper, the stage-1 contrastive loss of the encoder with its "
+              "projection head on two dropout views (marked contr.)."]
     lines += ["", "Re-run any row with its exact command (remove its run folder first: a finished run is reused):", ""]
     for name, r in rows.items():
         lines += [f"- {name}: `{r['commands'][0]}`"]
+    lines += ["", "Binomial 95 %: ± 1.96 √(p(1 - p) / n) on the test set's n sentences at the mean accuracy p, "
+              "the spread one run's accuracy has from the test sample alone; differences inside it are not "
+              "evidence."]
     if figures:
-        lines += ["", "Train and dev accuracy per epoch (seeds thin, mean bold):", ""]
+        lines += ["", "Dev accuracy per epoch (seeds thin, mean bold, band ± one std over seeds):", ""]
         lines += [f"![{name}]({path})" for name, path in figures.items()]
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(runs, folder):
-    """One figure per experiment, like the paper's Figures 1-4; {} without matplotlib."""
+    """Dev accuracy per epoch, one panel per experiment: each seed thin, the mean bold, a band of
+    ± one std over seeds. Returns {title: file}, {} without matplotlib."""
     try:
         import matplotlib
 
@@ -114,31 +140,36 @@ def plot_curves(runs, folder):
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[plot]'): tables only, no figures")
         return {}
-    figures = {}
-    for name, results in runs.items():
-        curves = {"train": [r.get("train_accuracy_per_epoch") or [] for r in results],
-                  "dev": [r["dev_accuracy_per_epoch"] for r in results]}
-        if not any(curves["dev"]):
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for split, color in (("train", "tab:blue"), ("dev", "tab:orange")):
-            per_seed = [c for c in curves[split] if c]
-            for c in per_seed:
-                ax.plot(range(1, len(c) + 1), c, color=color, linewidth=0.7, alpha=0.5)
-            if per_seed:
-                n = min(map(len, per_seed))
-                mean = [statistics.fmean(c[i] for c in per_seed) for i in range(n)]
-                ax.plot(range(1, n + 1), mean, color=color, linewidth=2.5, label=split)
+    curves = {name: [r["dev_accuracy_per_epoch"] for r in results if r["dev_accuracy_per_epoch"]]
+              for name, results in runs.items()}
+    curves = {name: c for name, c in curves.items() if c}
+    if not curves:
+        return {}
+    columns = min(3, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False, sharey=True)
+    for ax, (name, per_seed) in zip(axes.flat, curves.items()):
+        n = min(map(len, per_seed))
+        epochs = range(1, n + 1)
+        for c in per_seed:
+            ax.plot(range(1, len(c) + 1), c, color="tab:orange", linewidth=0.7, alpha=0.5)
+        mean_and_std = [mean_std([c[i] for c in per_seed]) for i in range(n)]
+        mean = [m for m, _ in mean_and_std]
+        ax.fill_between(epochs, [m - s for m, s in mean_and_std], [m + s for m, s in mean_and_std],
+                        color="tab:orange", alpha=0.25, linewidth=0)
+        ax.plot(epochs, mean, color="tab:orange", linewidth=2.2)
+        ax.set_title(f"{name} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy")
-        ax.set_title(name)
-        ax.legend()
-        fig.tight_layout()
-        path = f"accuracy-{name}.png"
-        fig.savefig(Path(folder) / path, dpi=110)
-        plt.close(fig)
-        figures[name] = path
-    return figures
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("dev accuracy")
+    for ax in list(axes.flat)[len(curves):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = "dev-accuracy.png"
+    fig.savefig(Path(folder) / path, dpi=100)
+    plt.close(fig)
+    return {"dev accuracy per epoch": path}
 
 
 def update_readme(readme, folder, table):
@@ -147,11 +178,8 @@ def update_readme(readme, folder, table):
         sys.exit(f"{readme}: no {README_START} … {README_END} markers to replace")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    # Run folders are not committed: the README names the figures instead of embedding them.
-    lines = [line for line in table.splitlines() if not line.startswith("![")]
-    table = "\n".join(line if not line.startswith("Train and dev accuracy per epoch") else
-                      f"Figures of train and dev accuracy per epoch: `{folder}/accuracy-*.png`."
-                      for line in lines) + "\n"
+    # The figures sit beside the records (committed with them): the README links them there.
+    table = table.replace("](", f"]({Path(folder).as_posix()}/")
     body = f"{README_START}\n<!-- generated by `python -m minibert.report {folder} --readme {readme}` -->\n\n{table}\n"
     Path(readme).write_text(head + body + README_END + tail)
 

@@ -47,10 +47,20 @@ def device_name(device):
 
 
 def replace_atomically(path, write):
+    """Write through `write(tmp)`, then rename into place. The bytes reach the disk before the
+    rename, and the rename before returning, so even a power cut leaves the old file or the new
+    one, never an empty one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_json(path, obj):
@@ -72,16 +82,20 @@ def load_tensors(path):
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
+        raise ValueError(f"{path}: cannot read ({e}); the file is damaged: train the run again") from None
 
 
 def read_json(path):
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: missing; is {Path(path).parent} a run folder written by train.py?") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); the file is damaged") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
 
 def trainable_state(model):
@@ -142,6 +156,8 @@ def load_checkpoint(path, model, optimizer, averaged=None):
     for key, value in tensors.items():
         if key.startswith("optim.") and optimizer is not None:
             name, moment = key[len("optim."):].rsplit(".", 1)
+            if name not in params:
+                raise ValueError(f"{path}: unexpected key {key!r}: this model has no parameter {name!r}")
             # AdamW keeps its step count on the CPU unless it runs fused or captured.
             keep_on_cpu = moment == "step" and not on_device
             optimizer.state[params[name]][moment] = value if keep_on_cpu else value.to(device)
@@ -155,10 +171,20 @@ def load_run(run_dir):
     """Rebuild a trained classifier from its run folder → (model, tokenizer, meta)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: no such run folder")
+        what = "a file" if run_dir.exists() else "no such folder"
+        raise ValueError(f"{run_dir}: {what}; pass a run folder written by train.py (runs/<name>)")
+    if not (run_dir / "model.json").exists() and (run_dir / "checkpoint.safetensors").exists():
+        raise ValueError(f"{run_dir}: the run has not finished (a checkpoint, no model yet); finish it with "
+                         f"train.py --resume --out {run_dir} and the flags it started with")
     meta = read_json(run_dir / "model.json")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{run_dir / 'model.json'}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    where = run_dir / "model.json"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{where}: format {found!r}, expected {FORMAT!r}; not a model record of train.py")
+    missing = [k for k in ("model", "encoder", "labels", "label_kind", "hidden_dim", "drop_rate", "max_len", "lora")
+               if k not in meta]
+    if missing:
+        raise ValueError(f"{where}: no {missing[0]!r} field; the file is damaged")
     try:
         if meta["lora"]:
             # Adapters and head only: the frozen weights are the pretrained model's.
@@ -172,7 +198,7 @@ def load_run(run_dir):
             encoder.name = meta["model"]
         model = ScenarioClassifier(encoder, len(meta["labels"]), meta["hidden_dim"], meta["drop_rate"])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{run_dir / 'model.json'}: incomplete or wrong field ({e})") from None
+        raise ValueError(f"{where}: incomplete or wrong field ({e}); the file is damaged") from None
     tensors, _ = load_tensors(run_dir / "model.safetensors")
     expected = trainable_state(model) if meta["lora"] else model.state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -13,10 +13,9 @@ def linear_warmup(step, warmup, total):
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def warmup_steps(total, steps=None, ratio=None):
-    """Warmup length from an explicit step count or a fraction of all steps (default none)."""
-    if steps is not None and ratio is not None:
-        raise ValueError("give --warmup-steps or --warmup-ratio, not both")
-    if ratio is not None:
-        return round(ratio * total)
-    return steps or 0
+def warmup_steps(total, steps=0, ratio=0.0):
+    """Warmup length: `steps`, or a fraction `ratio` of all `total` steps; never both."""
+    if steps and ratio:
+        raise ValueError(f"--warmup-steps {steps} and --warmup-ratio {ratio} both given; "
+                         "set one of them to 0")
+    return round(ratio * total) if ratio else steps
