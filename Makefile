@@ -46,26 +46,25 @@ reference: install
 RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume
 EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best
 
-.PHONY: zeroshot $(EXPERIMENTS) paper tune bench
+.PHONY: zeroshot $(EXPERIMENTS) paper readme-results tune bench
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
 $(EXPERIMENTS): install data
 	$(RUN) --experiment $@
 
-# Every experiment for SEEDS seeds, then runs/paper/<model>-e<epochs>/report.md and figures.
+# Every experiment for SEEDS seeds (seed 0 of every row first), JOBS runs side by side, then
+# results/paper/<model>-e<epochs>/report.md and figures. Finished runs are kept; interrupted
+# ones resume. The records (results.json, metrics.jsonl) are meant to be committed.
 SEEDS ?= 3
-PAPER_DIR = runs/paper/$(MODEL)-e$(EPOCHS)
+JOBS  ?= 1
+PAPER_DIR = results/paper/$(MODEL)-e$(EPOCHS)
 paper: install data
-	set -e; for seed in $$(seq 0 $$(($(SEEDS) - 1))); do \
-	  test -f $(PAPER_DIR)/zeroshot-s$$seed/results.json || \
-	    $(PY) evaluate.py --zero-shot --model $(MODEL) --seed $$seed --out $(PAPER_DIR)/zeroshot-s$$seed; \
-	  for experiment in baseline scheduler swa both lora20 lora30 supcon simclr; do \
-	    $(PY) train.py --experiment $$experiment --model $(MODEL) --epochs $(EPOCHS) --seed $$seed \
-	      --device $(DEVICE) --out $(PAPER_DIR)/$$experiment-s$$seed --resume; \
-	  done; \
-	done
-	$(PY) -m minibert.report $(PAPER_DIR)
+	$(PY) -m minibert.paper $(PAPER_DIR) --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS)
+
+# The README's results section, regenerated from the committed records.
+readme-results: install
+	$(PY) -m minibert.report $(PAPER_DIR) --readme README.md
 
 # Choose the `best` preset on the dev split alone (the test split is never evaluated).
 tune: install data

@@ -1,0 +1,73 @@
+"""The paper's table: every experiment for several seeds, then the report.
+
+    python -m minibert.paper results/paper/all-MiniLM-L6-v2-e10 --model all-MiniLM-L6-v2 --epochs 10 --seeds 3
+
+Seed 0 of every row runs first (a whole table), then the other seeds. A finished run is kept, an
+interrupted one resumes from its last epoch. With --jobs N, N runs go side by side, the CPU's
+cores shared out among them (OMP_NUM_THREADS); each run's output goes to its folder's train.log.
+"""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import report
+from .cli import Parser
+
+ROWS = ["zeroshot", "baseline", "scheduler", "swa", "both", "lora20", "lora30", "supcon", "simclr"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commands(folder, model, epochs, seeds, device, rows=ROWS):
+    """→ [(run folder, argv)] of the runs not finished yet, in the order they should start."""
+    todo = []
+    for seed in range(seeds):
+        for row in rows:
+            out = Path(folder) / f"{row}-s{seed}"
+            if (out / "results.json").exists():
+                continue
+            if row == "zeroshot":
+                argv = ["evaluate.py", "--zero-shot", "--model", model, "--seed", str(seed), "--out", str(out)]
+            else:
+                argv = ["train.py", "--experiment", row, "--model", model, "--epochs", str(epochs),
+                        "--seed", str(seed), "--device", device, "--out", str(out), "--resume"]
+            todo.append((out, [sys.executable, *argv]))
+    return todo
+
+
+def run_one(out, argv, threads):
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"start {out.name}: {' '.join(argv[1:])}", flush=True)
+    with open(out / "train.log", "a") as log:
+        code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"{'done' if code == 0 else f'FAILED ({code}), see its train.log:'} {out}", flush=True)
+    return code
+
+
+def main(argv=None):
+    p = Parser(prog="python -m minibert.paper", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", help="where the run folders go")
+    p.add_argument("--model", default="auto")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: one run uses every core)")
+    args = p.parse_args(argv)
+    if args.jobs < 1 or args.seeds < 1 or args.epochs < 1:
+        p.error("--jobs, --seeds and --epochs must be at least 1")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    todo = commands(args.folder, args.model, args.epochs, args.seeds, args.device)
+    print(f"{len(todo)} runs to go, {args.jobs} at a time, {threads} threads each")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        codes = list(pool.map(lambda job: run_one(*job, threads), todo))
+    failed = sum(code != 0 for code in codes)
+    report.main([args.folder])
+    if failed:
+        sys.exit(f"python -m minibert.paper: {failed} of {len(todo)} runs failed; see their train.log")
+
+
+if __name__ == "__main__":
+    main()
