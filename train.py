@@ -201,8 +201,11 @@ def main(argv=None):
         for epoch in range(run.start_epoch, run.config.stage1_epochs + run.config.epochs):
             train_epoch(run, epoch)
         return finish(run, argv)
-    except (ValueError, DownloadError) as e:
+    except (ValueError, DownloadError, OSError) as e:
         sys.exit(f"train.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("train.py: interrupted; the run's folder keeps its last completed epoch: continue it with "
+                 "the same command and --resume")
 
 
 # ---- setup --------------------------------------------------------------------------------------
