@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from minibert.classifier import ContrastiveModel, ScenarioClassifier
 from minibert.cli import Parser
 from minibert.data import batch_order, encode, load_massive
 from minibert.evaluation import contrastive_metrics, evaluate
-from minibert.experiments import CHOICES, FIELDS, PRESETS
+from minibert.experiments import CHOICES, FIELDS, PRESETS, TrainConfig
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import supcon_loss
@@ -41,6 +42,7 @@ from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoin
                            save_tensors, trainable_state, write_json, write_jsonl)
 from minibert.schedule import linear_warmup, warmup_steps
 from minibert.swa import WeightAverage, swa_lr
+from minibert.tokenizer import Tokenizer
 from minibert.weights import load_pretrained, read_config
 
 FLAG_HELP = {
@@ -155,24 +157,24 @@ def pick_precision(device, name):
 @dataclass
 class Run:
     """Everything a training run holds from one epoch to the next."""
-    config: object
+    config: TrainConfig
     args: argparse.Namespace
     device: torch.device
     rank: int
     world: int
     precision: str
-    autocast: object
-    scaler: object
+    autocast: Callable  # () → a context: autocast, or nothing in fp32
+    scaler: torch.amp.GradScaler | None  # fp16 only
     labels: tuple
-    tokenizer: object
+    tokenizer: Tokenizer
     model: ScenarioClassifier
-    contrastive: ContrastiveModel
+    contrastive: ContrastiveModel | None  # contrastive runs only
     trained: nn.ModuleDict  # every module that trains, under one name space for checkpoints
     forward: nn.Module  # what the classifier's gradients flow through (model or head; DDP-wrapped)
     splits: dict  # train / dev / test, encoded
     run_dir: Path
-    optimizer: torch.optim.Optimizer
-    average: WeightAverage
+    average: WeightAverage | None  # SWA only
+    optimizer: torch.optim.Optimizer | None = None  # made once the run is built
     start_epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
@@ -222,11 +224,12 @@ def setup(args):
     precision, autocast, scaler = pick_precision(device, args.precision)
 
     data = load_massive(args.data, labels=config.labels)
-    if world > 1:  # one process fetches missing weights; the others wait, then read them
-        if rank == 0:
-            read_config(config.model)
-        dist.barrier()
-    name, encoder_config = read_config(config.model)
+    name = config.model
+    if world > 1:  # one process decides `auto` and fetches missing weights; the others take its word
+        chosen = [read_config(name)[0] if rank == 0 else None]
+        dist.broadcast_object_list(chosen)
+        name = chosen[0]
+    name, encoder_config = read_config(name)
     config.check_model(encoder_config)  # the model's limits, before its weights load
     torch.manual_seed(config.seed)
     encoder, tokenizer, _ = load_pretrained(name)
@@ -243,12 +246,18 @@ def setup(args):
         forward = DistributedDataParallel(forward)
     splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), config.labels),
                            config.max_len) for name in ("train", "dev", "test")}
+    short = len(splits["train"]) % config.batch_size
+    if 0 < short < world:
+        raise ValueError(f"the last batch holds {short} sentences, fewer than the {world} processes: pick a "
+                         f"--batch-size that leaves none or at least {world} over from {len(splits['train'])}")
     run_dir = Path(args.out or f"runs/{config.experiment}-{Path(encoder.name).name}-s{config.seed}")
-    check_run_dir(run_dir, args.resume)
+    if not args.out:  # --out was checked before anything loaded
+        check_run_dir(run_dir, args.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    run = Run(config, args, device, rank, world, precision, autocast, scaler, data.labels, tokenizer, model,
-              contrastive, trained, forward, splits, run_dir, optimizer=None,
+    run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision,
+              autocast=autocast, scaler=scaler, labels=data.labels, tokenizer=tokenizer, model=model,
+              contrastive=contrastive, trained=trained, forward=forward, splits=splits, run_dir=run_dir,
               average=WeightAverage(model) if config.swa else None)
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
     if args.resume and run.checkpoint.exists():
@@ -317,7 +326,9 @@ def train_epoch(run, epoch):
     correct = torch.zeros((), device=run.device, dtype=torch.long)
     window, window_start = 0, time.perf_counter()
     for i, index in enumerate(order, start=1):
-        lr = learning_rate(config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
+        # The contrastive stage runs at the peak rate; the schedule counts the classifier's own steps.
+        lr = config.lr if contrastive_stage else learning_rate(
+            config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         loss, logits, labels = batch_loss(run, index, contrastive_stage)     # forward, loss
@@ -438,14 +449,12 @@ def averages_after(config, epoch):
 
 
 def learning_rate(config, epoch, step, steps_per_epoch):
-    """The rate for the classifier's next optimizer step, `step` steps into training, in its
-    `epoch`-th epoch (both 0-based; the contrastive stage runs at the constant peak rate).
+    """The rate for the classifier's next optimizer step, `step` steps into its training, in its
+    `epoch`-th epoch (both 0-based).
 
     Constant, or linear warmup and decay (§3.2.1), which steps after every optimizer step. With
     SWA, torch's loop hands over after epoch swa_start: the ordinary schedule has run through it,
     and SWALR, stepped once after each averaged epoch, anneals from the rate it left."""
-    if epoch < 0:
-        return config.lr
     total = config.epochs * steps_per_epoch
     warmup = warmup_steps(total, config.warmup_steps, config.warmup_ratio)
 
@@ -504,7 +513,7 @@ def finish(run, argv):
         "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier_rows],
         "contrastive_loss_per_epoch": [h["train_loss"] for h in contrastive_rows],
         "swa": {"n_averaged": average.n_averaged, "dev": swa_dev} if average is not None else None,
-        **parameter_counts(model),
+        **parameter_counts(model, probe=config.stage2 == "probe"),
         "wall_seconds": sum(h["wall_seconds"] for h in history),
         "samples_per_second": len(run.splits["train"]) * len(history) / sum(h["train_seconds"] for h in history),
         "ms_per_step": 1000 * sum(h["train_seconds"] for h in history) / (len(history) * run.steps_per_epoch),
@@ -547,11 +556,11 @@ def check_finite(loss, epoch, step, run_dir):
     return loss
 
 
-def parameter_counts(model):
+def parameter_counts(model, probe=False):
     """Counted as peft counts them: the encoder (pooler included) with any adapters; the head
-    is reported on its own."""
+    is reported on its own. A probe's encoder trains no weight (its optimizer holds the head)."""
     encoder_all = count_parameters(model.encoder)
-    encoder_trainable = count_parameters(model.encoder, trainable_only=True)
+    encoder_trainable = 0 if probe else count_parameters(model.encoder, trainable_only=True)
     return {"trainable_params": encoder_trainable, "all_params": encoder_all,
             "trainable_pct": 100 * encoder_trainable / encoder_all,
             "head_params": count_parameters(model) - encoder_all}

@@ -31,7 +31,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # used instead of warmup_steps when > 0
     # Stochastic Weight Averaging (§3.2.2).
     swa: bool = False
-    swa_start: float = 0.75  # SWA begins at epoch int(swa_start × epochs)
+    swa_start: float = 0.75  # SWA averages after every epoch past int(swa_start × epochs), 0-based
     swa_lr: float = 1e-5
     swa_anneal_epochs: int = 5
     swa_anneal: str = "cos"

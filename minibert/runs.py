@@ -6,6 +6,7 @@
         model.safetensors        the trained weights (LoRA runs: adapters and head only)
         model.json               what is needed to rebuild the model: config, labels, head, LoRA
         tokenizer.json           the tokenizer the run used
+        projection.safetensors   contrastive runs: the stage-1 projection head
         checkpoint.safetensors   training state after the last completed epoch, for --resume
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
@@ -52,10 +53,13 @@ def replace_atomically(path, write):
     one, never an empty one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only there if something failed before the rename
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -139,16 +143,23 @@ def checkpoint_state(path):
     """The `state` of a checkpoint alone, without loading its tensors."""
     try:
         with safe_open(path, framework="pt") as f:
-            return json.loads((f.metadata() or {})["state"])
-    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a training checkpoint ({e})") from None
+            state = json.loads((f.metadata() or {})["state"])
+        missing = [k for k in ("epoch", "step", "history", "config") if k not in state]
+        if missing:
+            raise KeyError(missing[0])
+        return state
+    except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a training checkpoint ({e!r}); delete it to train again") from None
 
 
 def load_checkpoint(path, model, optimizer, averaged=None):
     """Restore what save_checkpoint wrote (the optimizer's moments only if `optimizer` is
     given); returns its `state`."""
-    tensors, metadata = load_tensors(path)
-    state = json.loads(metadata["state"])
+    tensors, _ = load_tensors(path)
+    state = checkpoint_state(path)
+    missing = sorted(f"model.{name}" for name in trainable_state(model) if f"model.{name}" not in tensors)
+    if missing:
+        raise ValueError(f"{path}: missing key {missing[0]!r}; delete the checkpoint to train again")
     load_into(model, tensors, path, prefix="model.")
     params = dict(model.named_parameters())
     device = next(model.parameters()).device

@@ -116,22 +116,29 @@ def test_swa_loop_fails_when_averaging_one_epoch_early(monkeypatch):
     assert not all(torch.allclose(our_average[p], v, atol=1e-6) for p, v in average.items())
 
 
-def test_learning_rate_in_metrics_is_what_the_loop_applied(small_massive, tmp_path):
-    """train.py's own loop on a tiny BERT: each epoch's last learning rate, read back from
-    metrics.jsonl, is the rate torch's recipe gives at that step."""
+@pytest.mark.parametrize("experiment, flags", [
+    ("both", ["--epochs", "4", "--swa-start", "0.25", "--swa-anneal-epochs", "1"]),
+    # after a contrastive stage the schedule counts the classifier's own steps from 0
+    ("supcon", ["--epochs", "2", "--contrastive-epochs", "1", "--scheduler", "linear", "--warmup-steps", "2"]),
+])
+def test_learning_rate_in_metrics_is_what_the_loop_applied(experiment, flags, small_massive, tmp_path):
+    """train.py's own loop on a tiny BERT: each classifier epoch's last learning rate, read back
+    from metrics.jsonl, is the rate the schedule (checked against torch's recipe above) gives at
+    that step of the classifier's training."""
     from tests.test_train import ROOT
 
-    config = PRESETS["both"].override(epochs=4, swa_start=0.25, swa_anneal_epochs=1)
     run = train.main(["--model", str(ROOT / "tests/reference/tiny_odd"), "--data", str(small_massive),
-                      "--experiment", "both", "--epochs", "4", "--swa-start", "0.25", "--swa-anneal-epochs", "1",
-                      "--out", str(tmp_path / "run"), "--no-test", "--max-len", "16"])
+                      "--experiment", experiment, *flags, "--out", str(tmp_path / "run"), "--no-test",
+                      "--max-len", "16"])
+    config = PRESETS[experiment].override(**{k: getattr(train.parse_args(flags), k) for k in train.FLAG_HELP})
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = rows[0]["step"]
-    expected = []
-    for epoch in range(config.epochs):
-        last = (epoch + 1) * steps_per_epoch - 1
-        expected.append(train.learning_rate(config, epoch, last, steps_per_epoch))
-    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
-    # SWALR over one epoch: the second averaged epoch runs at swa_lr
-    assert rows[-1]["lr"] == pytest.approx(config.swa_lr, rel=1e-12)
-    assert json.loads((run / "results.json").read_text())["swa"]["n_averaged"] == 2
+    classifier = [r for r in rows if r["stage"] == "classifier"]
+    expected = [train.learning_rate(config, e, (e + 1) * steps_per_epoch - 1, steps_per_epoch)
+                for e in range(config.epochs)]
+    assert [r["lr"] for r in classifier] == pytest.approx(expected, rel=1e-12)
+    if experiment == "both":  # SWALR over one epoch: the second averaged epoch runs at swa_lr
+        assert classifier[-1]["lr"] == pytest.approx(config.swa_lr, rel=1e-12)
+        assert json.loads((run / "results.json").read_text())["swa"]["n_averaged"] == 2
+    else:  # the contrastive stage ran at the peak rate
+        assert [r["lr"] for r in rows if r["stage"] == "contrastive"] == [config.lr]

@@ -347,6 +347,10 @@ def test_mixed_precision_trains_like_fp32(precision, tolerance, fp32_epoch, smal
     assert mixed_row["train_loss"] == pytest.approx(full_row["train_loss"], abs=tolerance)
     assert mixed["dev"]["loss"] == pytest.approx(full["dev"]["loss"], abs=tolerance)
     assert mixed["test"]["loss"] == pytest.approx(full["test"]["loss"], abs=tolerance)
+    # The recorded dev figures are fp32 ones: exactly what an fp32 evaluation of the saved model gives.
+    evaluate.main([str(run), "--split", "dev", "--data", str(small_massive)])
+    again = read_json(run / "eval-dev.json")
+    assert (again["loss"], again["accuracy"]) == (mixed["dev"]["loss"], mixed["dev"]["accuracy"])
 
 
 def test_gradient_clipping_bounds_every_step(small_massive, minilm_dir, tmp_path, monkeypatch):
@@ -375,3 +379,15 @@ def test_best_preset_is_the_dev_tuned_candidate():
     parsed = train.parse_args(flags)
     tuned = PRESETS["baseline"].override(**{k: getattr(parsed, k) for k in train.FLAG_HELP})
     assert tuned.override(experiment="best") == PRESETS["best"]
+
+
+def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):
+    from minibert.paper import ROWS, commands
+
+    (tmp_path / "baseline-s0").mkdir()
+    (tmp_path / "baseline-s0" / "results.json").write_text("{}")  # finished: kept, not run again
+    plan = [out.name for out, _ in commands(tmp_path, "all-MiniLM-L6-v2", 10, 2, "cpu")]
+    assert plan == [f"{row}-s{seed}" for seed in (0, 1) for row in ROWS if (row, seed) != ("baseline", 0)]
+    short = [out.name for out, _ in commands(tmp_path, "all-MiniLM-L6-v2", 4, 1, "cpu")]
+    assert "swa-s0" not in short and "both-s0" not in short and "scheduler-s0" in short
+    assert "swa is left out: --swa with --epochs 4" in capsys.readouterr().out
