@@ -94,8 +94,9 @@ def parse_args(argv=None):
             p.add_argument(flag, type=type(default), default=None, help=f"{help} (preset: {default})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto: cuda, then mps, then cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="auto: bf16 autocast where the device runs bf16 matmuls natively (a GPU that supports "
+                        "it; a CPU with AVX512-BF16 or AMX), else fp32. Default: bf16 on such a GPU, else fp32")
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<model>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
@@ -142,10 +143,22 @@ def setup_distributed(device):
     return dist.get_rank(), world
 
 
+def native_bf16(device):
+    """Whether `device` runs bf16 matmuls in hardware, as torch reports it. Elsewhere bf16 is
+    emulated, and on a CPU that is an order of magnitude slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def pick_precision(device, name):
     """→ (name, autocast factory, gradient scaler or None). Decided once; model code never asks."""
+    if name == "auto":
+        name = "bf16" if native_bf16(device) else "fp32"
     if name is None:
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        name = "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     if name == "fp32":
         return name, nullcontext, None
     dtype = torch.bfloat16 if name == "bf16" else torch.float16

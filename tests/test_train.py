@@ -221,6 +221,12 @@ def test_device_and_precision_are_chosen_once():
     assert train.pick_device("cpu") == torch.device("cpu")
     name, autocast, scaler = train.pick_precision(torch.device("cpu"), None)
     assert name == "fp32" and scaler is None
+    for avx512_bf16, amx, expected in [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")]:
+        with pytest.MonkeyPatch.context() as m:  # as torch would report such a CPU
+            m.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+            m.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+            assert train.pick_precision(torch.device("cpu"), "auto")[0] == expected
+            assert train.pick_precision(torch.device("cpu"), None)[0] == "fp32"  # the default stays fp32
     name, autocast, _ = train.pick_precision(torch.device("cpu"), "bf16")
     with autocast():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
