@@ -57,7 +57,7 @@ $(EXPERIMENTS): install data
 # results/paper/<model>-e<epochs>/report.md and figures. Finished runs are kept; interrupted
 # ones resume. The records (results.json, metrics.jsonl) are meant to be committed.
 SEEDS ?= 3
-JOBS  ?= 1
+JOBS  ?= 2
 PAPER_DIR = results/paper/$(MODEL)-e$(EPOCHS)
 paper: install data
 	$(PY) -m minibert.paper $(PAPER_DIR) --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS)
