@@ -38,8 +38,8 @@ from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import supcon_loss
 from minibert.model import count_parameters
-from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, peak_memory, save_checkpoint,
-                           save_tensors, trainable_state, write_json, write_jsonl)
+from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, load_into, load_tensors,
+                           peak_memory, save_checkpoint, save_tensors, trainable_state, write_json, write_jsonl)
 from minibert.schedule import linear_warmup, warmup_steps
 from minibert.swa import WeightAverage, swa_lr
 from minibert.tokenizer import Tokenizer
@@ -75,6 +75,7 @@ FLAG_HELP = {
     "temperature": "contrastive: softmax temperature",
     "contrastive_epochs": "contrastive: stage-1 epochs (-1: as many as --epochs)",
     "stage2": "after the contrastive stage: finetune everything, or probe (frozen encoder)",
+    "select": "weights kept: the last epoch's (the paper), or dev-best: the epoch with the best dev accuracy",
 }
 
 
@@ -207,6 +208,11 @@ class Run:
     @property
     def checkpoint(self):
         return self.run_dir / "checkpoint.safetensors"
+
+    @property
+    def best_weights(self):
+        """With --select dev-best: the best dev epoch's weights so far, until the run finishes."""
+        return self.run_dir / "dev-best.safetensors"
 
 
 def main(argv=None):
@@ -417,6 +423,11 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
         dev = evaluate(run.model, run.splits["dev"], run.device, run.autocast)
         row.update(train_accuracy=correct.item() / len(run.splits["train"]), dev_loss=dev["loss"],
                    dev_accuracy=dev["accuracy"])
+        if config.select == "dev-best" and dev["accuracy"] > max(
+                [h["dev_accuracy"] for h in run.history if "dev_accuracy" in h], default=-1.0):
+            row["selected"] = True  # the best dev accuracy so far; ties keep the earlier epoch
+            if run.main_process:
+                save_tensors(run.best_weights, trainable_state(run.model), {"epoch": str(epoch + 1 - stage1)})
     row.update(train_seconds=train_seconds, samples_per_second=len(run.splits["train"]) / train_seconds,
                wall_seconds=train_seconds + time.perf_counter() - started)
     run.history.append(row)
@@ -498,6 +509,7 @@ def finish(run, argv):
     if test_metrics:
         run.log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
                 f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
+    dev_best = select_dev_best(run) if config.select == "dev-best" else None
     if run.world > 1:
         dist.destroy_process_group()
     if not run.main_process:
@@ -526,6 +538,7 @@ def finish(run, argv):
         "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier_rows],
         "contrastive_loss_per_epoch": [h["train_loss"] for h in contrastive_rows],
         "swa": {"n_averaged": average.n_averaged, "dev": swa_dev} if average is not None else None,
+        "dev_best": dev_best,  # --select dev-best: the kept epoch's figures; `test` above is the last epoch's
         **parameter_counts(model, probe=config.stage2 == "probe"),
         "wall_seconds": sum(h["wall_seconds"] for h in history),
         "samples_per_second": len(run.splits["train"]) * len(history) / sum(h["train_seconds"] for h in history),
@@ -535,8 +548,21 @@ def finish(run, argv):
     })
     # The run is complete: its record and weights are written, so the training state can go.
     run.checkpoint.unlink(missing_ok=True)
+    run.best_weights.unlink(missing_ok=True)
     print(f"wrote {run.run_dir}/results.json")
     return run.run_dir
+
+
+def select_dev_best(run):
+    """Put the best dev epoch's weights back into the model (they are the ones saved) and
+    evaluate them, in fp32 like the last epoch's figures → the record of that epoch."""
+    tensors, metadata = load_tensors(run.best_weights)
+    load_into(run.model, tensors, run.best_weights)
+    record = {"epoch": int(metadata["epoch"]), "dev": evaluate(run.model, run.splits["dev"], run.device),
+              "test": None if run.args.no_test else evaluate(run.model, run.splits["test"], run.device)}
+    run.log(f"kept epoch {record['epoch']} (best dev accuracy {record['dev']['accuracy']:.4f})"
+            + (f": test accuracy {record['test']['accuracy']:.4f}" if record["test"] else ""))
+    return record
 
 
 def check_run_dir(run_dir, resume):

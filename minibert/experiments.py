@@ -45,6 +45,8 @@ class TrainConfig:
     temperature: float = 0.07
     contrastive_epochs: int = 0  # stage-1 epochs; the presets use as many as --epochs
     stage2: str = "finetune"  # finetune: everything trains; probe: the encoder stays frozen
+    # Which weights the run keeps: the last epoch's (the paper's), or the best dev epoch's.
+    select: str = "last"
 
     def to_dict(self):
         return asdict(self)
@@ -120,6 +122,9 @@ class TrainConfig:
         if world > self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than the {world} processes (WORLD_SIZE): "
                              f"each needs a sentence of every batch; pass --batch-size {world} or more")
+        if self.select == "dev-best" and self.swa:
+            raise ValueError("--select dev-best with --swa: SWA keeps the average of the last epochs, not one "
+                             "epoch's weights; drop one of the two")
         if world > 1 and self.stage1_epochs:
             raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
                              "would be split across processes); start a single process")
@@ -149,6 +154,7 @@ CHOICES = {
     "swa_anneal": ("cos", "linear"),
     "loss": ("ce", "supcon", "simclr"),
     "stage2": ("finetune", "probe"),
+    "select": ("last", "dev-best"),
 }
 
 _base = TrainConfig()

@@ -75,6 +75,8 @@ CASES = [
     ("max-len-above-model", [*TRAIN, *ON_TINY, "--data", DATA, "--max-len", "17"], {}, {}, "--max-len 17"),
     ("swa-averages-nothing", [*TRAIN, *NO_MODEL, "--experiment", "swa", "--epochs", "4"], {}, {},
      "averages no epoch"),
+    ("select-with-swa", [*TRAIN, *NO_MODEL, "--experiment", "swa", "--select", "dev-best"], {}, {},
+     "--select dev-best with --swa"),
     ("world-size-not-a-number", [*TRAIN, *NO_MODEL], {}, {"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
     ("world-size-without-torchrun", [*TRAIN, *ON_TINY, "--max-len", "16", "--data", DATA], {}, {"WORLD_SIZE": "2"},
      "start several processes with torchrun"),

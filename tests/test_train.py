@@ -397,3 +397,17 @@ def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):
     short = [out.name for out, _ in commands(tmp_path, "all-MiniLM-L6-v2", 4, 1, "cpu")]
     assert "swa-s0" not in short and "both-s0" not in short and "scheduler-s0" in short
     assert "swa is left out: --swa with --epochs 4" in capsys.readouterr().out
+
+
+def test_select_dev_best_keeps_that_epoch(finished_run, small_massive, tmp_path):
+    """--select dev-best keeps the weights of the epoch with the best dev accuracy (the first of
+    equals) and records its figures apart; `test` stays the paper's last epoch."""
+    run = train.main(args(small_massive, tmp_path / "best", "--select", "dev-best"))
+    results, last = read_json(run / "results.json"), read_json(finished_run / "results.json")
+    per_epoch = results["dev_accuracy_per_epoch"]
+    assert results["dev_best"]["epoch"] == 1 + per_epoch.index(max(per_epoch))
+    assert results["dev_best"]["dev"]["accuracy"] == max(per_epoch)
+    assert (results["test"], per_epoch) == (last["test"], last["dev_accuracy_per_epoch"])  # the same training
+    evaluate.main([str(run), "--split", "dev", "--data", str(small_massive)])  # the saved weights are the kept ones
+    assert read_json(run / "eval-dev.json")["loss"] == results["dev_best"]["dev"]["loss"]
+    assert not (run / "dev-best.safetensors").exists()
