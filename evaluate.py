@@ -2,6 +2,7 @@
 
     python evaluate.py runs/baseline-all-MiniLM-L6-v2-s0 [--split dev|test]
     python evaluate.py runs/baseline-all-MiniLM-L6-v2-s0 --predict "wake me up at seven"
+    python evaluate.py runs/baseline-all-MiniLM-L6-v2-s0 --predict-file sentences.txt   # - for standard input
     python evaluate.py --zero-shot --model all-MiniLM-L6-v2      # the paper's experiment 1
 """
 
@@ -16,10 +17,11 @@ from minibert.classifier import ScenarioClassifier
 from minibert.cli import Parser
 from minibert.data import encode, load_massive
 from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
-from minibert.evaluation import confused_pairs, metrics, per_label_accuracy, predict
+from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
+                                 per_label_accuracy, plot_confusion, predict)
 from minibert.experiments import TrainConfig
 from minibert.fetch import DownloadError
-from minibert.runs import FORMAT, device_name, load_run, write_json
+from minibert.runs import FORMAT, device_name, load_run, pick_device, write_csv, write_json
 from minibert.weights import load_pretrained
 
 
@@ -29,7 +31,13 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["dev", "test"], default=None, help="with RUN_DIR: the split to evaluate "
                    "(default test)")
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
-    p.add_argument("--predict", metavar="TEXT", help="classify one sentence instead")
+    sentences = p.add_mutually_exclusive_group()
+    sentences.add_argument("--predict", metavar="TEXT", help="classify one sentence instead")
+    sentences.add_argument("--predict-file", metavar="PATH",
+                           help="classify every line of PATH instead (- reads standard input); prints "
+                                "label, probability and sentence, tab-separated")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None,
+                   help="with RUN_DIR: where the model runs (default auto: cuda, then mps, then cpu)")
     p.add_argument("--zero-shot", action="store_true", help="pretrained encoder, freshly initialised head")
     p.add_argument("--embeddings", action="store_true",
                    help="analyse the [CLS] embeddings: alignment, uniformity, k-NN accuracy, PCA picture")
@@ -41,13 +49,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.run_dir):
         p.error("give either RUN_DIR or --zero-shot")
-    if args.predict and (args.zero_shot or args.embeddings):
-        p.error("--predict needs a trained RUN_DIR and nothing else")
+    predicting = bool(args.predict or args.predict_file)
+    if predicting and (args.zero_shot or args.embeddings):
+        p.error("--predict and --predict-file need a trained RUN_DIR and nothing else")
     for name in ("seed", "out"):
         if getattr(args, name) is not None and not args.zero_shot:
             p.error(f"--{name} applies to --zero-shot only (a run's seed is fixed, its records go to RUN_DIR)")
-    if args.split and (args.zero_shot or args.predict or args.embeddings):
+    if args.split and (args.zero_shot or predicting or args.embeddings):
         p.error("--split applies to evaluating RUN_DIR only (--zero-shot and --embeddings use the test split)")
+    if args.device and (args.zero_shot or args.embeddings):
+        p.error("--device applies to evaluating RUN_DIR and to --predict only (--zero-shot and --embeddings "
+                "run on the CPU)")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; pass a folder")
     return args
@@ -55,12 +67,17 @@ def parse_args(argv=None):
 
 def report(split_name, logits, labels, names):
     result = metrics(logits, labels)
+    result["accuracy_se"], result["accuracy_ci95"] = accuracy_interval(result["accuracy"], result["n"])
+    result.update(label_metrics(confusion_matrix(logits.argmax(1), labels, len(names)), names))
     result["per_label_accuracy"] = per_label_accuracy(logits, labels, names)
     result["most_confused"] = confused_pairs(logits, labels, names)
+    low, high = result["accuracy_ci95"]
     print(f"{split_name}: loss {result['loss']:.4f} (paper's sum over {result['n_batches']} batches: "
-          f"{result['loss_paper_sum']:.4f}) accuracy {result['accuracy']:.4f} on {result['n']} sentences")
-    for name, acc in sorted(result["per_label_accuracy"].items(), key=lambda kv: kv[1]):
-        print(f"  {name:<16} {acc:.4f}")
+          f"{result['loss_paper_sum']:.4f}) accuracy {result['accuracy']:.4f} ± {result['accuracy_se']:.4f} "
+          f"(95% interval {low:.4f} to {high:.4f}) on {result['n']} sentences; macro-F1 {result['macro_f1']:.4f}")
+    print(f"  {'':<16} precision recall     F1 support")
+    for name, m in sorted(result["per_label"].items(), key=lambda kv: kv[1]["f1"]):
+        print(f"  {name:<16} {m['precision']:9.4f} {m['recall']:6.4f} {m['f1']:6.4f} {m['support']:7d}")
     for pair in result["most_confused"]:
         print(f"  confused: {pair['true']} → {pair['predicted']} ({pair['count']}×)")
     return result
@@ -122,15 +139,20 @@ def main(argv=None):
 
 
 def evaluate_run(args):
+    device = torch.device("cpu") if args.embeddings else pick_device(args.device or "auto")
     model, tokenizer, meta = load_run(args.run_dir)
+    model.to(device)
     if args.model and args.model != meta["model"]:
         raise ValueError(f"{args.run_dir} was trained from {meta['model']}, not {args.model}")
     if args.predict:
-        input_ids, attention_mask = tokenizer([args.predict], max_len=meta["max_len"])
-        with torch.no_grad():
-            probs = model(input_ids, attention_mask).softmax(-1)[0]
-        p, i = probs.max(0)
-        print(f"{meta['labels'][i]} ({p:.3f})")
+        probability, label = classify(model, tokenizer, [args.predict], meta["max_len"], device)
+        print(f"{meta['labels'][label[0]]} ({probability[0]:.3f})")
+        return
+    if args.predict_file:
+        sentences = read_sentences(args.predict_file)
+        probability, label = classify(model, tokenizer, sentences, meta["max_len"], device)
+        for p, i, sentence in zip(probability.tolist(), label.tolist(), sentences):
+            print(f"{meta['labels'][i]}\t{p:.4f}\t{sentence}")
         return
     if args.embeddings:
         # Measured by scenario whatever labels the run trained on, so that every run compares.
@@ -144,10 +166,58 @@ def evaluate_run(args):
     split = args.split or "test"
     examples = data.split(split)
     encoded = encode(tokenizer, examples, data.label_ids(examples, meta["label_kind"]), meta["max_len"])
-    logits = predict(model, encoded, torch.device("cpu"))
+    logits = predict(model, encoded, device)
     result = report(split, logits, encoded.labels, data.labels)
-    write_json(Path(args.run_dir) / f"eval-{split}.json", {"model": meta["model"], **result})
-    print(f"wrote {Path(args.run_dir) / f'eval-{split}.json'}")
+    run_dir = Path(args.run_dir)
+    write_json(run_dir / f"eval-{split}.json", {"model": meta["model"], "device": device_name(device), **result})
+    print(f"wrote {run_dir / f'eval-{split}.json'}")
+    write_split_records(run_dir, split, examples, logits, encoded.labels, data.labels)
+
+
+def write_split_records(run_dir, split, examples, logits, labels, names):
+    """confusion-<split>.csv (rows gold, columns predicted) with its picture, and predictions-<split>.csv:
+    one row per sentence, with the probability the model gives its predicted label."""
+    predicted = logits.argmax(1)
+    probability = logits.softmax(-1).gather(1, predicted[:, None]).squeeze(1)
+    confusion = confusion_matrix(predicted, labels, len(names))
+    write_csv(run_dir / f"confusion-{split}.csv",
+              [["gold \\ predicted", *names], *([name, *row] for name, row in zip(names, confusion.tolist()))])
+    write_csv(run_dir / f"predictions-{split}.csv",
+              [["id", "utterance", "gold", "predicted", "probability"],
+               *([e.id, e.text, names[g], names[p], f"{q:.4f}"]
+                 for e, g, p, q in zip(examples, labels.tolist(), predicted.tolist(), probability.tolist()))])
+    print(f"wrote {run_dir / f'confusion-{split}.csv'} and {run_dir / f'predictions-{split}.csv'}")
+    picture = run_dir / f"confusion-{split}.png"
+    if plot_confusion(confusion, names, picture, f"{run_dir.name}, {split} split"):
+        print(f"wrote {picture}")
+    else:
+        print("matplotlib is not installed (pip install -e '.[plot]'): no confusion picture, the CSV holds it")
+
+
+def read_sentences(path):
+    """One sentence per line of `path`, or of standard input for `-`; blank lines are skipped."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--predict-file {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--predict-file {path}: not UTF-8 text (byte {e.start + 1})") from None
+    sentences = [line.strip() for line in text.splitlines() if line.strip()]
+    if not sentences:
+        raise ValueError(f"--predict-file {path}: no sentences; give one per line")
+    return sentences
+
+
+@torch.no_grad()
+def classify(model, tokenizer, sentences, max_len, device, batch_size=256):
+    """→ (probability, label index) of each sentence's most likely label, both (N,); the sentences
+    go through in batches, each padded to its longest sentence."""
+    probabilities = []
+    for start in range(0, len(sentences), batch_size):
+        input_ids, attention_mask = tokenizer(sentences[start:start + batch_size], max_len=max_len)
+        logits = model(input_ids.to(device), attention_mask.to(device))  # (B, n_labels)
+        probabilities.append(logits.float().softmax(-1).cpu())
+    return torch.cat(probabilities).max(1)
 
 
 if __name__ == "__main__":

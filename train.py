@@ -39,7 +39,8 @@ from minibert.lora import apply_lora
 from minibert.losses import supcon_loss
 from minibert.model import count_parameters
 from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, load_into, load_tensors,
-                           peak_memory, save_checkpoint, save_tensors, trainable_state, write_json, write_jsonl)
+                           peak_memory, pick_device, save_checkpoint, save_tensors, trainable_state, write_json,
+                           write_jsonl)
 from minibert.schedule import linear_warmup, warmup_steps
 from minibert.swa import WeightAverage, swa_lr
 from minibert.tokenizer import Tokenizer
@@ -108,16 +109,6 @@ def parse_args(argv=None):
     if args.log_every < 1:
         p.error(f"argument --log-every: must be at least 1, not {args.log_every}")
     return args
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps, but torch sees no Apple GPU; use --device cpu or auto")
-    return torch.device(name)
 
 
 def world_size():

@@ -39,6 +39,7 @@ class Example:
     text: str
     scenario: str
     intent: str
+    id: str = ""  # the record's `id`, so that a prediction can be traced back to its line
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def parse_line(line, where):
     if not record["intent"].startswith(record["scenario"] + "_"):
         raise ValueError(f"{where}: intent {record['intent']!r} is not of scenario "
                          f"{record['scenario']!r}")
-    return Example(record["utt"], record["scenario"], record["intent"]), record["partition"]
+    example = Example(record["utt"], record["scenario"], record["intent"], str(record.get("id", "")))
+    return example, record["partition"]
 
 
 def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBALL_SHA256):

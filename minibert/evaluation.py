@@ -1,4 +1,4 @@
-"""Loss and accuracy of a classifier on an encoded split."""
+"""Loss, accuracy and the per-label figures of a classifier on an encoded split."""
 
 import math
 from contextlib import nullcontext
@@ -53,15 +53,85 @@ def per_label_accuracy(logits, labels, names):
             for i, name in enumerate(names) if (labels == i).any()}
 
 
+def confusion_matrix(predicted, labels, n_labels):
+    """(n_labels, n_labels) counts: row i, column j = how many sentences of gold label i were
+    predicted as j. The diagonal holds the correct ones."""
+    counts = torch.zeros(n_labels, n_labels, dtype=torch.long)
+    counts.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    return counts
+
+
 def confused_pairs(logits, labels, names, top=5):
     """The most frequent (true → predicted) mistakes."""
-    predicted = logits.argmax(1)
-    counts = torch.zeros(len(names), len(names), dtype=torch.long)
-    counts.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    counts = confusion_matrix(logits.argmax(1), labels, len(names))
     counts.fill_diagonal_(0)
     values, flat = counts.flatten().topk(min(top, counts.numel()))
     return [{"true": names[i // len(names)], "predicted": names[i % len(names)], "count": int(v)}
             for v, i in zip(values.tolist(), flat.tolist()) if v > 0]
+
+
+def precision_recall_f1(confusion):
+    """Per label, from a confusion matrix (rows gold, columns predicted) → three (n_labels,) tensors.
+
+    precision = TP / predicted, recall = TP / gold, F1 = their harmonic mean = 2 TP / (predicted + gold).
+    A label never predicted has no precision (0/0); by convention it is 0, and so is every other
+    0/0 here. TP is 0 whenever a denominator is, so dividing by max(denominator, 1) gives exactly that."""
+    true_positives = confusion.diagonal().double()
+    predicted, gold = confusion.sum(0).double(), confusion.sum(1).double()
+    precision = true_positives / predicted.clamp(min=1)
+    recall = true_positives / gold.clamp(min=1)
+    f1 = 2 * true_positives / (predicted + gold).clamp(min=1)
+    return precision, recall, f1
+
+
+def accuracy_interval(accuracy, n):
+    """→ (standard error, 95% interval) of an accuracy measured on n independent sentences: each is
+    right with probability p, so the count right is binomial and SE = sqrt(p(1-p)/n); the interval
+    is the normal approximation p ± 1.96·SE."""
+    se = math.sqrt(accuracy * (1 - accuracy) / n)
+    return se, [accuracy - 1.96 * se, accuracy + 1.96 * se]
+
+
+def label_metrics(confusion, names):
+    """Macro-F1 and each label's precision, recall, F1 and support (its gold count). Labels absent
+    from both the gold labels and the predictions have no figures and are left out of the mean."""
+    precision, recall, f1 = precision_recall_f1(confusion)
+    gold = confusion.sum(1)
+    seen = (gold + confusion.sum(0)) > 0
+    per_label = {names[i]: {"precision": precision[i].item(), "recall": recall[i].item(), "f1": f1[i].item(),
+                            "support": int(gold[i])}
+                 for i in seen.nonzero().flatten().tolist()}
+    return {"macro_f1": f1[seen].mean().item(), "per_label": per_label}
+
+
+def plot_confusion(confusion, names, path, title):
+    """Save the confusion matrix as a picture: each cell holds its count, shaded by its share of
+    the row (the gold label's sentences), so that labels of different sizes compare. Returns
+    False (and draws nothing) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    n = len(names)
+    share = confusion / confusion.sum(1, keepdim=True).clamp(min=1)  # (n, n), rows sum to 1
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * n), max(5, 0.4 * n)))
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i, j in confusion.nonzero().tolist():
+        ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=6,
+                color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of the gold label's sentences")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 @torch.no_grad()

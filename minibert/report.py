@@ -10,10 +10,11 @@ section (between its two markers) is replaced by the report's tables.
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
+
+from .evaluation import accuracy_interval
 
 # The paper's Tables 4-7: (summed test loss, test accuracy), bert-base-uncased, single runs.
 PAPER = {
@@ -78,7 +79,8 @@ def summarise(runs):
             "commands": [r["command"] for r in results],
         }
         n = results[0]["test"]["n"]
-        row["binomial_95"] = 1.96 * math.sqrt(row["accuracy"][0] * (1 - row["accuracy"][0]) / n)
+        se, _ = accuracy_interval(row["accuracy"][0], n)
+        row["binomial_95"] = 1.96 * se
         if name in PAPER:
             row["paper_loss_sum"], row["paper_accuracy"] = PAPER[name]
             row["accuracy_vs_paper"] = row["accuracy"][0] - PAPER[name][1]

@@ -13,6 +13,7 @@ Every file is written to a temporary name and renamed into place, so a crash nev
 half-written file where a good one was. Nothing is pickled.
 """
 
+import csv
 import json
 import os
 import platform
@@ -39,6 +40,17 @@ def peak_memory(device):
     # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
     scale = 2**20 if sys.platform == "darwin" else 2**10
     return {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale}
+
+
+def pick_device(name):
+    """auto, cpu, cuda or mps → a torch.device; auto takes cuda, then mps, then the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps, but torch sees no Apple GPU; use --device cpu or auto")
+    return torch.device(name)
 
 
 def device_name(device):
@@ -69,6 +81,14 @@ def replace_atomically(path, write):
 
 def write_json(path, obj):
     replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_csv(path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+
+    replace_atomically(path, write)
 
 
 def write_jsonl(path, rows):
