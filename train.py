@@ -501,7 +501,8 @@ def finish(run, argv):
         run.log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
                 f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
     dev_best = select_dev_best(run) if config.select == "dev-best" else None
-    if run.world > 1:
+    if run.world > 1:  # leave together: a process whose peer has gone can abort on its way out
+        dist.barrier()
         dist.destroy_process_group()
     if not run.main_process:
         return run.run_dir
