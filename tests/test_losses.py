@@ -137,4 +137,6 @@ def test_reduced_precision_features_move_the_loss_by_their_rounding_only(stored,
         low = supcon_loss(f.to(dtype), labels)
     u = torch.finfo(dtype).eps / 2  # round to nearest: relative error at most half an ulp
     assert low.dtype == torch.float32
-    assert abs(low.item() - supcon_loss(f, labels).item()) <= 4 * u / 0.07
+    # The worst case for bf16 (0.22) is looser than the 5e-2 this test held before; keep the
+    # tighter of the two (measured: 2.2e-3 bf16, 7.3e-4 fp16).
+    assert abs(low.item() - supcon_loss(f, labels).item()) <= min(4 * u / 0.07, 5e-2)
