@@ -36,12 +36,12 @@ from minibert.evaluation import contrastive_metrics, evaluate
 from minibert.experiments import CHOICES, FIELDS, PRESETS, TrainConfig
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
-from minibert.losses import supcon_loss
+from minibert.losses import supcon_loss, symmetric_kl
 from minibert.model import count_parameters
 from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, load_into, load_tensors,
                            peak_memory, pick_device, save_checkpoint, save_tensors, trainable_state, write_json,
                            write_jsonl)
-from minibert.schedule import linear_warmup, warmup_steps
+from minibert.schedule import layer_scales, linear_warmup, warmup_steps
 from minibert.swa import WeightAverage, swa_lr
 from minibert.tokenizer import Tokenizer
 from minibert.weights import load_pretrained, read_config
@@ -77,6 +77,12 @@ FLAG_HELP = {
     "contrastive_epochs": "contrastive: stage-1 epochs (-1: as many as --epochs)",
     "stage2": "after the contrastive stage: finetune everything, or probe (frozen encoder)",
     "select": "weights kept: the last epoch's (the paper), or dev-best: the epoch with the best dev accuracy",
+    "supervise": "train on the labels, on MASSIVE's 60 intents (a scenario's probability is the sum of its "
+                 "intents'), or on both losses added",
+    "contrastive_labels": "supcon: positives share a label, or share an intent",
+    "layer_decay": "layer-wise lr decay: the head at lr, the top layer at lr x decay, each lower layer x decay "
+                   "again; 1 turns it off",
+    "rdrop": "R-Drop: weight of the symmetric KL between two dropout passes of each batch; 0 turns it off",
 }
 
 
@@ -171,6 +177,7 @@ class Run:
     autocast: Callable  # () → a context: autocast, or nothing in fp32
     scaler: torch.amp.GradScaler | None  # fp16 only
     labels: tuple
+    intents: torch.Tensor  # (N,) the train split's intent ids, for --supervise and --contrastive-labels
     tokenizer: Tokenizer
     model: ScenarioClassifier
     contrastive: ContrastiveModel | None  # contrastive runs only
@@ -245,7 +252,8 @@ def setup(args):
     encoder, tokenizer, _ = load_pretrained(name)
     if config.lora_r:
         apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_list)
-    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate)
+    groups = data.intent_groups() if config.supervise != "labels" else None
+    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups)
     contrastive = ContrastiveModel(encoder, config.drop_rate) if config.stage1_epochs else None
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
     trained.to(device)
@@ -266,7 +274,8 @@ def setup(args):
     run_dir.mkdir(parents=True, exist_ok=True)
 
     run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision,
-              autocast=autocast, scaler=scaler, labels=data.labels, tokenizer=tokenizer, model=model,
+              autocast=autocast, scaler=scaler, labels=data.labels,
+              intents=torch.tensor(data.intent_ids(data.train)), tokenizer=tokenizer, model=model,
               contrastive=contrastive, trained=trained, forward=forward, splits=splits, run_dir=run_dir,
               average=WeightAverage(model) if config.swa else None)
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
@@ -301,7 +310,7 @@ def restore(run):
 
 def make_optimizer(run, contrastive_stage):
     """AdamW over what trains in this stage: the encoder and projection head (contrastive), or
-    the classifier (a probe trains its head alone)."""
+    the classifier (a probe trains its head alone), in groups by layer with --layer-decay."""
     if contrastive_stage:
         module = run.trained["contrastive"]
     elif run.config.stage2 == "probe":
@@ -309,6 +318,8 @@ def make_optimizer(run, contrastive_stage):
     else:
         module = run.model
     params = [p for p in module.parameters() if p.requires_grad]
+    if run.config.layer_decay < 1 and not contrastive_stage:
+        params = layer_scales(module, run.model.encoder.config.num_hidden_layers, run.config.layer_decay)
     # The fused kernel updates each tensor in one pass over memory: on the CPU it is ~4x faster
     # than the default, and the optimizer step is a third of a step's time on a small BERT.
     return torch.optim.AdamW(params, lr=run.config.lr, eps=run.config.adam_eps,
@@ -340,7 +351,7 @@ def train_epoch(run, epoch):
         lr = config.lr if contrastive_stage else learning_rate(
             config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
         for group in run.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss, logits, labels = batch_loss(run, index, contrastive_stage)     # forward, loss
         run.optimizer.zero_grad(set_to_none=True)
         if run.scaler:                                                       # backward
@@ -374,24 +385,43 @@ def train_epoch(run, epoch):
 def batch_loss(run, index, contrastive_stage):
     """Forward and loss of one batch → (loss, logits or None, labels). Each process takes every
     world-th sentence of the batch: its shard."""
-    config = run.config
-    input_ids, attention_mask, labels = (t.to(run.device, non_blocking=True)
-                                         for t in run.splits["train"].batch(index[run.rank::run.world]))
+    config, shard = run.config, index[run.rank::run.world]
+    batch = run.splits["train"].batch(shard)
+    input_ids, attention_mask, labels = (t.to(run.device, non_blocking=True) for t in batch)
+    intents = run.intents[shard].to(run.device, non_blocking=True)
     with run.autocast():
         if contrastive_stage:
             views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
-            loss = supcon_loss(views, labels if config.loss == "supcon" else None,
-                               config.temperature, config.temperature)
+            positives = {"supcon": intents if config.contrastive_labels == "intents" else labels}
+            loss = supcon_loss(views, positives.get(config.loss), config.temperature, config.temperature)
             return loss, None, labels
+        passes = 2 if config.rdrop else 1  # R-Drop: the batch twice in one forward, two dropout masks
+        if passes == 2:
+            input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
         if config.stage2 == "probe":
             with torch.no_grad():
                 cls = run.model.embed(input_ids, attention_mask)
-            logits = run.forward(run.model.dropout(cls))
+            fine = run.forward(run.model.dropout(cls))
         else:
-            logits = run.forward(input_ids, attention_mask)
-        # The mean over the whole batch, whatever this process's share of it: DDP divides the
-        # summed gradients by world, so each process scales its sum by world / batch.
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum") * run.world / len(index)
+            fine = run.forward(input_ids, attention_mask, fine=True)
+        fine = fine.float()  # the head's outputs: intents with --supervise intents/both, else labels
+        logits = run.model.coarse(fine)
+
+        def mean_ce(outputs, targets):
+            # The mean over the whole batch, whatever this process's share of it: DDP divides the
+            # summed gradients by world, so each process scales its sum by world / batch.
+            return F.cross_entropy(outputs, targets.repeat(passes), reduction="sum") * run.world / len(index) / passes
+
+        if config.supervise == "labels":
+            loss = mean_ce(logits, labels)
+        elif config.supervise == "intents":
+            loss = mean_ce(fine, intents)
+        else:
+            loss = mean_ce(logits, labels) + mean_ce(fine, intents)
+        if passes == 2:
+            first, second = fine.chunk(2)
+            loss = loss + config.rdrop * symmetric_kl(first, second) * run.world / len(index)
+            logits = logits[: len(shard)]
     return loss, logits, labels
 
 
@@ -610,6 +640,7 @@ def save_model(run_dir, model, tokenizer, labels, config):
         "encoder": model.encoder.config.to_dict(),
         "labels": list(labels),
         "label_kind": config.labels,
+        "groups": model.groups,  # with --supervise intents/both: each intent output's label
         "hidden_dim": config.hidden_dim,
         "drop_rate": config.drop_rate,
         "max_len": config.max_len,

@@ -6,9 +6,13 @@ from torch import nn
 
 class ScenarioClassifier(nn.Module):
     """encoder → last_hidden_state[:, 0] → Dropout(drop_rate) → Linear(H, hidden_dim) → ReLU
-    → Linear(hidden_dim, n_labels). The paper's defaults: drop_rate 0.9, hidden_dim 10."""
+    → Linear(hidden_dim, n_labels). The paper's defaults: drop_rate 0.9, hidden_dim 10.
 
-    def __init__(self, encoder, n_labels, hidden_dim=10, drop_rate=0.9):
+    With `groups` (one label index per output), the head predicts finer classes, MASSIVE's
+    intents, and a label's probability is the sum of its classes' probabilities:
+    its logit is the logsumexp of theirs, since softmax(logsumexp) = Σ softmax."""
+
+    def __init__(self, encoder, n_labels, hidden_dim=10, drop_rate=0.9, groups=None):
         super().__init__()
         self.encoder = encoder
         if encoder.pooler is not None:
@@ -19,15 +23,35 @@ class ScenarioClassifier(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(encoder.config.hidden_size, hidden_dim),
             nn.ReLU(),
-            nn.Linear(hidden_dim, n_labels),
+            nn.Linear(hidden_dim, n_labels if groups is None else len(groups)),
         )
+        self.groups = None
+        if groups is not None:
+            groups = torch.as_tensor(groups)
+            if groups.min() < 0 or groups.max() >= n_labels:
+                raise ValueError(f"groups name labels outside 0..{n_labels - 1}")
+            # (n_labels, n_outputs): which outputs add up to each label. A buffer, not a weight:
+            # it is rebuilt from model.json, never trained or saved.
+            self.register_buffer("members", groups[None, :] == torch.arange(n_labels)[:, None], persistent=False)
+            self.groups = groups.tolist()
 
     def embed(self, input_ids, attention_mask=None):
         """The [CLS] vector, (B, T) → (B, H): what the head sees before dropout."""
         return self.encoder(input_ids, attention_mask)[:, 0]
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.head(self.dropout(self.embed(input_ids, attention_mask)))  # (B, n_labels)
+    def forward(self, input_ids, attention_mask=None, fine=False):
+        """(B, T) → (B, n_labels) label logits; with `fine`, the head's own outputs (intents)."""
+        logits = self.head(self.dropout(self.embed(input_ids, attention_mask)))
+        return logits if fine else self.coarse(logits)
+
+    def coarse(self, logits):
+        """The head's outputs → label logits (B, n_labels): unchanged without groups."""
+        if self.groups is None:
+            return logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 sums in fp32
+        # A label without members gets the lowest float: probability 0, and no NaN gradient.
+        grouped = logits[:, None, :].masked_fill(~self.members, torch.finfo(logits.dtype).min)  # (B, labels, outputs)
+        return torch.logsumexp(grouped, dim=-1)
 
 
 class ContrastiveModel(nn.Module):

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,21 @@ class Massive:
     def label_ids(self, examples, kind):
         index = {name: i for i, name in enumerate(self.labels)}
         return [index[getattr(e, kind)] for e in examples]
+
+    @property
+    def intents(self):
+        """Every intent any split names, sorted: so that a small file whose dev or test holds an
+        intent its train split lacks still maps every example."""
+        return tuple(sorted({e.intent for split in (self.train, self.dev, self.test) for e in split}))
+
+    def intent_ids(self, examples):
+        index = {name: i for i, name in enumerate(self.intents)}
+        return [index[e.intent] for e in examples]
+
+    def intent_groups(self):
+        """For each intent, the index of its scenario among the labels (scenario labels only)."""
+        scenario = {e.intent: e.scenario for split in (self.train, self.dev, self.test) for e in split}
+        return [self.labels.index(scenario[intent]) for intent in self.intents]
 
 
 @dataclass(frozen=True)
@@ -138,10 +153,8 @@ def load_massive(path=None, labels="scenario"):
         if not examples:
             raise ValueError(f"{path}: no {name} examples (is the file empty or truncated?); run "
                              "`make data` again, or pass another --data file")
-    # Intents are named by every split, so that a small file whose dev or test holds an intent
-    # its train split lacks still maps every example to a label.
-    names = SCENARIOS if labels == "scenario" else tuple(sorted({e.intent for s in splits.values() for e in s}))
-    return Massive(**splits, labels=names)
+    data = Massive(**splits, labels=SCENARIOS)
+    return data if labels == "scenario" else replace(data, labels=data.intents)
 
 
 def parse_line(line, where):

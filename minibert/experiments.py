@@ -47,6 +47,13 @@ class TrainConfig:
     stage2: str = "finetune"  # finetune: everything trains; probe: the encoder stays frozen
     # Which weights the run keeps: the last epoch's (the paper's), or the best dev epoch's.
     select: str = "last"
+    # Beyond the paper (README, "A recipe that beats the paper").
+    # Each of MASSIVE's 60 intents belongs to one scenario. With "intents" the head predicts
+    # intents and a scenario's probability is the sum of its intents'; "both" adds the two losses.
+    supervise: str = "labels"
+    contrastive_labels: str = "labels"  # supcon's positives: sentences of one label, or of one intent
+    layer_decay: float = 1.0  # layer-wise lr decay: the layer k below the top trains at lr x decay^k
+    rdrop: float = 0.0  # R-Drop: weight of the symmetric KL between two dropout passes; 0 = off
 
     def to_dict(self):
         return asdict(self)
@@ -96,6 +103,8 @@ class TrainConfig:
             ("lora_dropout", 0 <= self.lora_dropout < 1, "must be at least 0 and below 1"),
             ("temperature", 0 < self.temperature < math.inf, "must be a finite number above 0"),
             ("contrastive_epochs", self.contrastive_epochs >= -1, "must be 0 or more, or -1 for as many as --epochs"),
+            ("layer_decay", 0 < self.layer_decay <= 1, "must be above 0 and at most 1 (1 turns it off)"),
+            ("rdrop", 0 <= self.rdrop < math.inf, "must be a finite number, 0 or more (0 turns it off)"),
         ]:
             if not ok:  # written so that NaN fails every test too
                 raise ValueError(f"{flag(name)} {getattr(self, name)}: {must}")
@@ -125,6 +134,12 @@ class TrainConfig:
         if self.select == "dev-best" and self.swa:
             raise ValueError("--select dev-best with --swa: SWA keeps the average of the last epochs, not one "
                              "epoch's weights; drop one of the two")
+        if self.labels == "intent" and self.supervise != "labels":
+            raise ValueError(f"--supervise {self.supervise} with --labels intent: the labels are the intents "
+                             "already; pass --supervise labels, or --labels scenario")
+        if self.contrastive_labels == "intents" and self.loss != "supcon":
+            raise ValueError(f"--contrastive-labels intents with --loss {self.loss}: only supcon uses labels; "
+                             "pass --loss supcon, or --contrastive-labels labels")
         if world > 1 and self.stage1_epochs:
             raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
                              "would be split across processes); start a single process")
@@ -155,6 +170,8 @@ CHOICES = {
     "loss": ("ce", "supcon", "simclr"),
     "stage2": ("finetune", "probe"),
     "select": ("last", "dev-best"),
+    "supervise": ("labels", "intents", "both"),
+    "contrastive_labels": ("labels", "intents"),
 }
 
 _base = TrainConfig()

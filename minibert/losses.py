@@ -42,3 +42,12 @@ def supcon_loss(features, labels=None, temperature=0.07, base_temperature=0.07):
 
 def simclr_loss(features, temperature=0.07):
     return supcon_loss(features, labels=None, temperature=temperature, base_temperature=temperature)
+
+
+def symmetric_kl(first, second):
+    """R-Drop's consistency term (Liang et al. 2021, eq. 2): (KL(P1‖P2) + KL(P2‖P1)) / 2 between
+    the softmaxes of two dropout passes' logits (B, C), summed over the batch; in fp32 at least."""
+    with torch.autocast(first.device.type, enabled=False):
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        p, q = F.log_softmax(first.to(dtype), dim=-1), F.log_softmax(second.to(dtype), dim=-1)
+        return 0.5 * ((p.exp() * (p - q)).sum() + (q.exp() * (q - p)).sum())

@@ -72,19 +72,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.jobs < 1 or args.seeds < 1 or args.epochs < 1:
         p.error("--jobs, --seeds and --epochs must be at least 1")
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     try:  # decided and fetched once, so that every run trains the same model
         model, _ = resolve(args.model)
     except (ValueError, DownloadError) as e:
         sys.exit(f"python -m minibert.paper: {e}")
     todo = commands(args.folder, model, args.epochs, args.seeds, args.device)
-    print(f"{len(todo)} runs to go, {args.jobs} at a time, {threads} threads each")
-    with ThreadPoolExecutor(args.jobs) as pool:
-        codes = list(pool.map(lambda job: run_one(*job, threads), todo))
-    failed = sum(code != 0 for code in codes)
+    failed = run_all(todo, args.jobs)
     report.main([args.folder])
     if failed:
         sys.exit(f"python -m minibert.paper: {failed} of {len(todo)} runs failed; see their train.log")
+
+
+def run_all(todo, jobs):
+    """Run [(folder, argv)] `jobs` at a time, the cores shared out among them → how many failed."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"{len(todo)} runs to go, {jobs} at a time, {threads} threads each")
+    with ThreadPoolExecutor(jobs) as pool:
+        codes = list(pool.map(lambda job: run_one(*job, threads), todo))
+    return sum(code != 0 for code in codes)
 
 
 if __name__ == "__main__":

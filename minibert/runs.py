@@ -227,7 +227,8 @@ def load_run(run_dir):
         else:
             encoder = BertModel(BertConfig(**meta["encoder"]))
             encoder.name = meta["model"]
-        model = ScenarioClassifier(encoder, len(meta["labels"]), meta["hidden_dim"], meta["drop_rate"])
+        model = ScenarioClassifier(encoder, len(meta["labels"]), meta["hidden_dim"], meta["drop_rate"],
+                                   meta.get("groups"))  # older runs have no groups: one output per label
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: incomplete or wrong field ({e}); the file is damaged") from None
     tensors, _ = load_tensors(run_dir / "model.safetensors")

@@ -19,3 +19,23 @@ def warmup_steps(total, steps=0, ratio=0.0):
         raise ValueError(f"--warmup-steps {steps} and --warmup-ratio {ratio} both given; "
                          "set one of them to 0")
     return round(ratio * total) if ratio else steps
+
+
+def layer_scales(module, n_layers, decay):
+    """Layer-wise learning-rate decay (ELECTRA, Clark et al. 2020; BEiT's numbering): optimizer
+    groups [{"params", "lr_scale"}] in which everything outside the encoder (the head) trains at
+    the full rate, the encoder's top layer at decay, each layer below at one more factor of
+    decay, and the embeddings at decay^(n_layers + 1). The loop sets lr = rate · lr_scale."""
+    depth = {}  # lr_scale exponent → parameters
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        if "embeddings" in parts:
+            k = n_layers + 1
+        elif "layers" in parts:
+            k = n_layers - int(parts[parts.index("layers") + 1])
+        else:
+            k = 0
+        depth.setdefault(k, []).append(p)
+    return [{"params": params, "lr_scale": decay ** k} for k, params in sorted(depth.items())]

@@ -1,59 +1,136 @@
 """Choose the `best` preset on the dev split alone.
 
-    python -m minibert.tune [--model all-MiniLM-L6-v2] [--epochs 1] [--seed 0]
+    python -m minibert.tune results/tune/all-MiniLM-L6-v2-e3 --model all-MiniLM-L6-v2 --epochs 3 --jobs 2
+    python -m minibert.tune results/tune/all-MiniLM-L6-v2-e10 --epochs 10 --candidates best swa supervise-both+swa
 
-Trains each candidate below with `train.py --no-test`, so the test split is never evaluated,
-ranks them by the dev accuracy of the final model, and writes the ranking to
-runs/tune/<model>-e<epochs>/tune.json. The `best` preset in experiments.py is the winner.
+A candidate is the `best` preset with levers pulled: one lever (the screen, every lever below),
+or several joined by "+". Each trains with `train.py --no-test`, so the test split is never
+evaluated (each results.json is checked for it), and keeps its best dev epoch apart
+(--select dev-best) unless it averages weights. The ranking, by the last epoch's dev accuracy,
+goes to dev.md and tune.json beside the run folders. A finished run is kept, an interrupted one
+resumes, as with `make paper`; the records (results.json, metrics.jsonl) are meant to be committed.
 """
 
-import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .cli import Parser
+from .experiments import PRESETS, flag
+from .fetch import DownloadError
+from .paper import run_all
+from .weights import resolve
 
-# Each candidate changes the paper's baseline hyperparameters in one more way than the last.
-CANDIDATES = {
-    "paper": [],
-    "drop0.1": ["--drop-rate", "0.1"],
-    "drop0.1-head256": ["--drop-rate", "0.1", "--hidden-dim", "256"],
-    "drop0.1-head256-linear": ["--drop-rate", "0.1", "--hidden-dim", "256", "--scheduler", "linear",
-                               "--warmup-ratio", "0.06"],
-    "drop0.1-head256-linear-lr2e-4": ["--drop-rate", "0.1", "--hidden-dim", "256", "--scheduler", "linear",
-                                      "--warmup-ratio", "0.06", "--lr", "2e-4"],
+# Each lever: the TrainConfig fields it changes from the `best` preset (drop 0.1 on [CLS], head
+# 256, linear schedule with 6% warmup, lr 1e-4, bucketed batches).
+LEVERS = {
+    "best": {},
+    "supervise-intents": {"supervise": "intents"},  # 60 intents; a scenario is the sum of its intents
+    "supervise-both": {"supervise": "both"},
+    "layer-decay-0.8": {"layer_decay": 0.8},
+    "lr-2e-4": {"lr": 2e-4},
+    "lr-5e-5": {"lr": 5e-5},
+    "rdrop-1": {"rdrop": 1.0},
+    "supcon-intents": {"loss": "supcon", "contrastive_labels": "intents", "contrastive_epochs": 1},
+    "swa": {"swa": True},
 }
 
 
+def changes(candidate):
+    """"supervise-both+swa" → {"supervise": "both", "swa": True}."""
+    merged = {}
+    for lever in candidate.split("+"):
+        if lever not in LEVERS:
+            raise ValueError(f"--candidates {candidate}: no lever {lever!r}; the levers are {', '.join(LEVERS)}")
+        merged.update(LEVERS[lever])
+    return merged
+
+
+def argv_of(fields):
+    """TrainConfig fields → train.py flags."""
+    argv = []
+    for name, value in fields.items():
+        argv += [flag(name)] if value is True else [flag(name), str(value)]
+    return argv
+
+
+def commands(folder, model, epochs, seed, device, candidates):
+    """→ [(run folder, argv)] of the candidates not finished yet; a candidate whose settings cannot
+    work at this length (SWA needs 5 epochs or more) is left out, said once."""
+    todo = []
+    for candidate in candidates:
+        fields = changes(candidate)
+        if not fields.get("swa"):
+            fields["select"] = "dev-best"
+        try:
+            PRESETS["best"].override(epochs=epochs, **fields).check()
+        except ValueError as e:
+            print(f"{candidate} is left out: {e}")
+            continue
+        out = Path(folder) / f"{candidate}-s{seed}"
+        if not (out / "results.json").exists():
+            todo.append((out, [sys.executable, "train.py", "--experiment", "best", "--model", model, "--epochs",
+                               str(epochs), "--seed", str(seed), "--device", device, "--out", str(out), "--resume",
+                               "--no-test", *argv_of(fields)]))
+    return todo
+
+
+def ranking(folder):
+    """The finished candidates of `folder`, best dev accuracy first."""
+    rows = []
+    for path in sorted(Path(folder).glob("*/results.json")):
+        results = json.loads(path.read_text())
+        if results["test"] is not None or (results["dev_best"] or {}).get("test") is not None:
+            raise ValueError(f"{path}: evaluated on the test split; a search must not see it")
+        rows.append({"candidate": path.parent.name.rsplit("-s", 1)[0], "seed": results["seed"],
+                     "changes": changes(path.parent.name.rsplit("-s", 1)[0]),
+                     "dev_accuracy": results["dev"]["accuracy"], "dev_loss": results["dev"]["loss"],
+                     "dev_best": results["dev_best"] and {"epoch": results["dev_best"]["epoch"],
+                                                          "accuracy": results["dev_best"]["dev"]["accuracy"]},
+                     "dev_accuracy_per_epoch": results["dev_accuracy_per_epoch"],
+                     "wall_seconds": results["wall_seconds"], "command": results["command"]})
+    return sorted(rows, key=lambda r: -r["dev_accuracy"])
+
+
+def dev_table(rows, epochs):
+    lines = [f"Dev accuracy after {epochs} epochs (the test split was never evaluated), best first.",
+             "", "| candidate | changes from `best` | dev accuracy | dev loss | best dev epoch: accuracy | "
+             "dev accuracy per epoch | minutes |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        changed = ", ".join(f"{flag(k)} {v}" for k, v in r["changes"].items()) or "–"
+        best = f"{r['dev_best']['epoch']}: {r['dev_best']['accuracy']:.4f}" if r["dev_best"] else "–"
+        curve = " ".join(f"{a:.3f}" for a in r["dev_accuracy_per_epoch"])
+        lines.append(f"| {r['candidate']} | {changed} | {r['dev_accuracy']:.4f} | {r['dev_loss']:.4f} | {best} | "
+                     f"{curve} | {r['wall_seconds'] / 60:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m minibert.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", help="where the run folders, dev.md and tune.json go")
     p.add_argument("--model", default="auto")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: one run uses every core)")
+    p.add_argument("--candidates", nargs="+", default=list(LEVERS),
+                   help="levers, or levers joined by + (default: every lever alone)")
     args = p.parse_args(argv)
-    folder = ROOT / "runs" / "tune" / f"{Path(args.model).name}-e{args.epochs}"
-    ranking = []
-    for name, flags in CANDIDATES.items():
-        if args.only and name not in args.only:
-            continue
-        out = folder / name
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "--experiment", "baseline", "--bucket",
-                        "--model", args.model, "--epochs", str(args.epochs), "--seed", str(args.seed),
-                        "--device", args.device, "--out", str(out), "--resume", "--no-test", *flags],
-                       check=True)
-        results = json.loads((out / "results.json").read_text())
-        assert results["test"] is None  # chosen on dev alone
-        ranking.append({"candidate": name, "flags": flags, "dev_accuracy": results["dev"]["accuracy"],
-                        "dev_loss": results["dev"]["loss"]})
-    ranking.sort(key=lambda r: -r["dev_accuracy"])
-    (folder / "tune.json").write_text(json.dumps(ranking, indent=2) + "\n")
-    for r in ranking:
-        print(f"{r['dev_accuracy']:.4f}  {r['candidate']}")
-    print(f"wrote {folder / 'tune.json'}")
+    if args.jobs < 1 or args.epochs < 1:
+        p.error("--jobs and --epochs must be at least 1")
+    try:
+        model, _ = resolve(args.model)  # decided once, so that every candidate trains the same model
+        todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates)
+        failed = run_all(todo, args.jobs)
+        rows = ranking(args.folder)
+    except (ValueError, DownloadError) as e:
+        sys.exit(f"python -m minibert.tune: {e}")
+    folder = Path(args.folder)
+    (folder / "tune.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (folder / "dev.md").write_text(dev_table(rows, args.epochs))
+    print(dev_table(rows, args.epochs) + f"wrote {folder / 'dev.md'} and {folder / 'tune.json'}")
+    if failed:
+        sys.exit(f"python -m minibert.tune: {failed} of {len(todo)} runs failed; see their train.log")
 
 
 if __name__ == "__main__":

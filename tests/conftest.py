@@ -2,12 +2,13 @@
 need them, unless MINIBERT_REQUIRE_ASSETS=1 (as in CI), where a missing asset is a failure."""
 
 import importlib.util
+import json
 
 import pytest
 
 from minibert.data import data_path
 from minibert.weights import is_complete, load_pretrained
-from tests.cases import minilm_folder, require_assets
+from tests.cases import REFERENCE, minilm_folder, require_assets
 
 
 def need(condition, what):
@@ -67,3 +68,17 @@ def small_massive(massive_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("massive") / "small.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """The tiny reference BERT with dropout off: a run that is deterministic, whatever the seed
+    of its dropout, so that one process and two, or one pass and two, see the same."""
+    model = tmp_path / "tiny"
+    model.mkdir()
+    for name in ("model.safetensors", "vocab.txt"):
+        (model / name).write_bytes((REFERENCE / "tiny_odd" / name).read_bytes())
+    config = json.loads((REFERENCE / "tiny_odd/config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    return model

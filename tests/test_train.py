@@ -245,19 +245,6 @@ def test_embedding_analysis_with_and_without_matplotlib(finished_run, small_mass
     assert not (finished_run / "embeddings-pca.png").exists()
 
 
-@pytest.fixture
-def tiny_model(tmp_path):
-    """The tiny reference BERT with dropout off, so that one process and two see the same."""
-    model = tmp_path / "tiny"
-    model.mkdir()
-    for name in ("model.safetensors", "vocab.txt"):
-        (model / name).write_bytes((ROOT / "tests/reference/tiny_odd" / name).read_bytes())
-    config = json.loads((ROOT / "tests/reference/tiny_odd/config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (model / "config.json").write_text(json.dumps(config))
-    return model
-
-
 def torchrun(*argv):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -377,15 +364,29 @@ def test_gradient_clipping_bounds_every_step(small_massive, minilm_dir, tmp_path
     assert all(after == pytest.approx(0.05, rel=1e-3) for _, after in norms)  # ...and applied
 
 
-def test_best_preset_is_the_dev_tuned_candidate():
-    """`best` is what `python -m minibert.tune` ranked first on dev (README): the same settings."""
+def test_search_never_sees_the_test_split(tmp_path, capsys):
+    """Every candidate is `best` with its levers pulled, trained with --no-test; a record that holds
+    test figures stops the ranking."""
     from minibert.experiments import PRESETS
-    from minibert.tune import CANDIDATES
+    from minibert.tune import commands, ranking
 
-    flags = ["--bucket", *CANDIDATES["drop0.1-head256-linear"]]
-    parsed = train.parse_args(flags)
-    tuned = PRESETS["baseline"].override(**{k: getattr(parsed, k) for k in train.FLAG_HELP})
-    assert tuned.override(experiment="best") == PRESETS["best"]
+    plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["best", "supervise-both+rdrop-1", "swa"])
+    assert "swa is left out: --swa with --epochs 3" in capsys.readouterr().out
+    assert [out.name for out, _ in plan] == ["best-s0", "supervise-both+rdrop-1-s0"]
+    for out, argv in plan:
+        parsed = train.parse_args(argv[2:])
+        assert parsed.no_test and parsed.select == "dev-best" and parsed.experiment == "best"
+    config = PRESETS["best"].override(**{k: getattr(train.parse_args(plan[1][1][2:]), k) for k in train.FLAG_HELP})
+    assert config == PRESETS["best"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=1.0,
+                                              select="dev-best")
+    record = {"seed": 0, "test": None, "dev": {"accuracy": 0.9, "loss": 0.3}, "dev_best": None,
+              "dev_accuracy_per_epoch": [0.9], "wall_seconds": 60, "command": "python train.py"}
+    (tmp_path / "best-s0").mkdir()
+    (tmp_path / "best-s0" / "results.json").write_text(json.dumps(record))
+    assert [r["candidate"] for r in ranking(tmp_path)] == ["best"]
+    (tmp_path / "best-s0" / "results.json").write_text(json.dumps({**record, "test": {"accuracy": 0.9}}))
+    with pytest.raises(ValueError, match="evaluated on the test split"):
+        ranking(tmp_path)
 
 
 def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):
