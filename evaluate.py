@@ -18,7 +18,7 @@ from minibert.cli import Parser
 from minibert.data import encode, load_massive
 from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
-                                 per_label_accuracy, plot_confusion, predict)
+                                 per_label_accuracy, plot_confusion, predict, weight_changes)
 from minibert.experiments import TrainConfig
 from minibert.fetch import DownloadError
 from minibert.runs import FORMAT, device_name, load_run, pick_device, write_csv, write_json
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--zero-shot", action="store_true", help="pretrained encoder, freshly initialised head")
     p.add_argument("--embeddings", action="store_true",
                    help="analyse the [CLS] embeddings: alignment, uniformity, k-NN accuracy, PCA picture")
+    p.add_argument("--weight-changes", action="store_true",
+                   help="with RUN_DIR: how far training moved each weight matrix of the encoder from the "
+                        "pretrained one, per layer (relative Frobenius norm)")
     p.add_argument("--model", default=None,
                    help="with --zero-shot: which pretrained model (default auto); with RUN_DIR: "
                         "the model the run must have been trained from")
@@ -55,6 +58,8 @@ def parse_args(argv=None):
     for name in ("seed", "out"):
         if getattr(args, name) is not None and not args.zero_shot:
             p.error(f"--{name} applies to --zero-shot only (a run's seed is fixed, its records go to RUN_DIR)")
+    if args.weight_changes and (args.zero_shot or predicting or args.embeddings):
+        p.error("--weight-changes needs a trained RUN_DIR and nothing else")
     if args.split and (args.zero_shot or predicting or args.embeddings):
         p.error("--split applies to evaluating RUN_DIR only (--zero-shot and --embeddings use the test split)")
     if args.device and (args.zero_shot or args.embeddings):
@@ -154,6 +159,8 @@ def evaluate_run(args):
         for p, i, sentence in zip(probability.tolist(), label.tolist(), sentences):
             print(f"{meta['labels'][i]}\t{p:.4f}\t{sentence}")
         return
+    if args.weight_changes:
+        return report_weight_changes(model, meta, Path(args.run_dir))
     if args.embeddings:
         # Measured by scenario whatever labels the run trained on, so that every run compares.
         data = load_massive(args.data)
@@ -192,6 +199,21 @@ def write_split_records(run_dir, split, examples, logits, labels, names):
         print(f"wrote {picture}")
     else:
         print("matplotlib is not installed (pip install -e '.[plot]'): no confusion picture, the CSV holds it")
+
+
+def report_weight_changes(model, meta, run_dir):
+    """weight-changes.json, and a table: one row per layer, one column per weight matrix."""
+    pretrained, _, _ = load_pretrained(meta["model"])
+    if pretrained.config.to_dict() != meta["encoder"]:
+        raise ValueError(f"{run_dir}: the pretrained {meta['model']} found now is not the one trained")
+    changes = weight_changes(model.encoder, pretrained)
+    write_json(run_dir / "weight-changes.json", {"model": meta["model"], "relative_change": changes})
+    columns = list(dict.fromkeys(name.split(".", 2)[2] for name in changes))
+    print(f"‖W − W₀‖ / ‖W₀‖ in %, {run_dir.name}:")
+    print("layer " + " ".join(f"{c:>16}" for c in columns))
+    for layer in range(pretrained.config.num_hidden_layers):
+        print(f"{layer:>5} " + " ".join(f"{100 * changes[f'layers.{layer}.{c}']:>16.3f}" for c in columns))
+    print(f"wrote {run_dir / 'weight-changes.json'}")
 
 
 def read_sentences(path):

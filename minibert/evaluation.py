@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from .lora import LoRALinear
 from .losses import supcon_loss
 
 PAPER_BATCH = 16  # the paper's "loss" is a sum over test batches of 16 of each batch's mean
@@ -149,3 +150,16 @@ def contrastive_metrics(contrastive, encoded, device, labelled, temperature):
         losses.append(supcon_loss(views, labels if labelled else None, temperature, temperature).item())
     contrastive.train(was_training)
     return {"loss": sum(losses) / len(losses), "loss_paper_sum": sum(losses), "n_batches": len(losses)}
+
+
+@torch.no_grad()
+def weight_changes(encoder, pretrained):
+    """How far training moved each Linear weight of the encoder's layers → {name: ‖W − W₀‖_F / ‖W₀‖_F},
+    W being the weight the layer computes with: for a LoRA layer, W₀ + (alpha / r) · B·A."""
+    changes = {}
+    for name, before in pretrained.named_modules():
+        if isinstance(before, torch.nn.Linear) and name.startswith("layers."):
+            after = encoder.get_submodule(name)
+            weight = after.base.weight + after.delta() if isinstance(after, LoRALinear) else after.weight
+            changes[name] = ((weight - before.weight).norm() / before.weight.norm()).item()
+    return changes

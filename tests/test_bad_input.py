@@ -127,6 +127,8 @@ CASES = [
     # ---- evaluate.py: what RUN_DIR is, and flags that do not go with it ----
     ("run-is-a-file", [*EVALUATE, "{tmp}/model/config.json"], {}, {}, "config.json: a file"),
     ("run-not-a-run", [*EVALUATE, "{tmp}/model"], {}, {}, "model.json: missing"),
+    ("weight-changes-zero-shot", [*EVALUATE, "--zero-shot", "--weight-changes"], {}, {},
+     "--weight-changes needs a trained RUN_DIR"),
     ("run-unfinished", [*EVALUATE, "{tmp}/half"], {"half/checkpoint.safetensors": b""}, {}, "has not finished"),
     ("run-model-json", [*EVALUATE, "{run}"], {"run/model.json": '{"format": "minibert-run/1", '}, {},
      "model.json: not valid JSON"),

@@ -160,3 +160,30 @@ def test_bad_sentences_file_or_device_is_one_line(evaluated, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main([str(evaluated), "--predict", "hi", "--predict-file", "-"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_weight_changes_measure_the_weight_each_layer_computes_with():
+    """A LoRA layer moved by (alpha / r)·B·A, a fully trained one by its own difference; frozen
+    layers not at all."""
+    import copy
+
+    from minibert.evaluation import weight_changes
+    from minibert.lora import apply_lora, lora_modules
+
+    pretrained, _, _ = load_pretrained(str(TINY))
+    adapted = copy.deepcopy(pretrained)
+    apply_lora(adapted, r=2, alpha=8, targets=("query",))
+    torch.manual_seed(0)
+    for m in lora_modules(adapted):
+        m.lora_B.data.normal_()
+    changes = weight_changes(adapted, pretrained)
+    for name, change in changes.items():
+        before = pretrained.get_submodule(name).weight
+        if name.endswith(".query"):
+            m = adapted.get_submodule(name)
+            assert change == pytest.approx(((m.lora_B @ m.lora_A) * 4).norm().item() / before.norm().item(), rel=1e-5)
+        else:
+            assert change == 0, name
+    trained = copy.deepcopy(pretrained)
+    trained.layers[0].output.weight.data.mul_(1.5)  # moved by half its own norm
+    assert weight_changes(trained, pretrained)["layers.0.output"] == pytest.approx(0.5, rel=1e-6)
