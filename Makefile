@@ -67,12 +67,13 @@ readme-results: install
 	$(PY) -m minibert.report $(PAPER_DIR) --readme README.md
 
 # Choose the `best` preset on the dev split alone (the test split is never evaluated): every
-# lever alone at TUNE_EPOCHS, or CANDIDATES="best swa supervise-both+swa" (levers joined by +).
+# lever alone on BASE at TUNE_EPOCHS, or CANDIDATES="base swa supervise-both+swa" (levers joined by +).
+BASE        ?= best
 TUNE_EPOCHS ?= 3
 CANDIDATES  ?=
 tune: install data
-	$(PY) -m minibert.tune results/tune/$(MODEL)-e$(TUNE_EPOCHS) --model $(MODEL) --epochs $(TUNE_EPOCHS) \
-		--device $(DEVICE) --jobs $(JOBS) $(if $(CANDIDATES),--candidates $(CANDIDATES))
+	$(PY) -m minibert.tune results/tune/$(MODEL)-$(BASE)-e$(TUNE_EPOCHS) --base $(BASE) --model $(MODEL) \
+		--epochs $(TUNE_EPOCHS) --device $(DEVICE) --jobs $(JOBS) $(if $(CANDIDATES),--candidates $(CANDIDATES))
 
 # Training and evaluation speed against transformers, side by side in one process.
 bench: install data

@@ -1,9 +1,10 @@
 """Choose the `best` preset on the dev split alone.
 
     python -m minibert.tune results/tune/all-MiniLM-L6-v2-e3 --model all-MiniLM-L6-v2 --epochs 3 --jobs 2
-    python -m minibert.tune results/tune/all-MiniLM-L6-v2-e10 --epochs 10 --candidates best swa supervise-both+swa
+    python -m minibert.tune results/tune/all-MiniLM-L6-v2-e10 --epochs 10 --candidates base swa supervise-both+swa
+    python -m minibert.tune results/tune/lora20-e3 --base lora20 --candidates base lora-alpha-40 lr-1e-3
 
-A candidate is the `best` preset with levers pulled: one lever (the screen, every lever below),
+A candidate is the `best` preset (or --base PRESET) with levers pulled: one lever (the screen),
 or several joined by "+". Each trains with `train.py --no-test`, so the test split is never
 evaluated (each results.json is checked for it), and keeps its best dev epoch apart
 (--select dev-best) unless it averages weights. The ranking, by the last epoch's dev accuracy,
@@ -21,10 +22,10 @@ from .fetch import DownloadError
 from .paper import run_all
 from .weights import resolve
 
-# Each lever: the TrainConfig fields it changes from the `best` preset (drop 0.1 on [CLS], head
-# 256, linear schedule with 6% warmup, lr 1e-4, bucketed batches).
+# Each lever: the TrainConfig fields it changes from the base preset (`best`: drop 0.1 on [CLS],
+# head 256, linear schedule with 6% warmup, lr 1e-4, bucketed batches). "base" changes nothing.
 LEVERS = {
-    "best": {},
+    "base": {},
     "supervise-intents": {"supervise": "intents"},  # 60 intents; a scenario is the sum of its intents
     "supervise-both": {"supervise": "both"},
     "layer-decay-0.8": {"layer_decay": 0.8},
@@ -33,7 +34,14 @@ LEVERS = {
     "rdrop-1": {"rdrop": 1.0},
     "supcon-intents": {"loss": "supcon", "contrastive_labels": "intents", "contrastive_epochs": 1},
     "swa": {"swa": True},
+    # For --base lora20 / lora30: peft's examples scale alpha with r and train at higher rates.
+    "lora-alpha-40": {"lora_alpha": 40.0},
+    "lora-alpha-60": {"lora_alpha": 60.0},
+    "lr-5e-4": {"lr": 5e-4},
+    "lr-1e-3": {"lr": 1e-3},
 }
+SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-1",
+          "supcon-intents", "swa"]  # each lever alone on `best`: the default candidates
 
 
 def changes(candidate):
@@ -54,7 +62,7 @@ def argv_of(fields):
     return argv
 
 
-def commands(folder, model, epochs, seed, device, candidates):
+def commands(folder, model, epochs, seed, device, candidates, base="best"):
     """→ [(run folder, argv)] of the candidates not finished yet; a candidate whose settings cannot
     work at this length (SWA needs 5 epochs or more) is left out, said once."""
     todo = []
@@ -63,13 +71,13 @@ def commands(folder, model, epochs, seed, device, candidates):
         if not fields.get("swa"):
             fields["select"] = "dev-best"
         try:
-            PRESETS["best"].override(epochs=epochs, **fields).check()
+            PRESETS[base].override(epochs=epochs, **fields).check()
         except ValueError as e:
             print(f"{candidate} is left out: {e}")
             continue
         out = Path(folder) / f"{candidate}-s{seed}"
         if not (out / "results.json").exists():
-            todo.append((out, [sys.executable, "train.py", "--experiment", "best", "--model", model, "--epochs",
+            todo.append((out, [sys.executable, "train.py", "--experiment", base, "--model", model, "--epochs",
                                str(epochs), "--seed", str(seed), "--device", device, "--out", str(out), "--resume",
                                "--no-test", *argv_of(fields)]))
     return todo
@@ -94,7 +102,7 @@ def ranking(folder):
 
 def dev_table(rows, epochs):
     lines = [f"Dev accuracy after {epochs} epochs (the test split was never evaluated), best first.",
-             "", "| candidate | changes from `best` | dev accuracy | dev loss | best dev epoch: accuracy | "
+             "", "| candidate | changes from the base preset | dev accuracy | dev loss | best dev epoch: accuracy | "
              "dev accuracy per epoch | minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         changed = ", ".join(f"{flag(k)} {v}" for k, v in r["changes"].items()) or "–"
@@ -113,14 +121,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: one run uses every core)")
-    p.add_argument("--candidates", nargs="+", default=list(LEVERS),
-                   help="levers, or levers joined by + (default: every lever alone)")
+    p.add_argument("--base", choices=sorted(PRESETS), default="best", help="the preset the levers change")
+    p.add_argument("--candidates", nargs="+", default=SCREEN,
+                   help=f"levers, or levers joined by + (default: {' '.join(SCREEN)})")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.epochs < 1:
         p.error("--jobs and --epochs must be at least 1")
     try:
         model, _ = resolve(args.model)  # decided once, so that every candidate trains the same model
-        todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates)
+        todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates, args.base)
         failed = run_all(todo, args.jobs)
         rows = ranking(args.folder)
     except (ValueError, DownloadError) as e:

@@ -370,9 +370,9 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
     from minibert.experiments import PRESETS
     from minibert.tune import commands, ranking
 
-    plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["best", "supervise-both+rdrop-1", "swa"])
+    plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["base", "supervise-both+rdrop-1", "swa"])
     assert "swa is left out: --swa with --epochs 3" in capsys.readouterr().out
-    assert [out.name for out, _ in plan] == ["best-s0", "supervise-both+rdrop-1-s0"]
+    assert [out.name for out, _ in plan] == ["base-s0", "supervise-both+rdrop-1-s0"]
     for out, argv in plan:
         parsed = train.parse_args(argv[2:])
         assert parsed.no_test and parsed.select == "dev-best" and parsed.experiment == "best"
@@ -381,10 +381,10 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
                                               select="dev-best")
     record = {"seed": 0, "test": None, "dev": {"accuracy": 0.9, "loss": 0.3}, "dev_best": None,
               "dev_accuracy_per_epoch": [0.9], "wall_seconds": 60, "command": "python train.py"}
-    (tmp_path / "best-s0").mkdir()
-    (tmp_path / "best-s0" / "results.json").write_text(json.dumps(record))
-    assert [r["candidate"] for r in ranking(tmp_path)] == ["best"]
-    (tmp_path / "best-s0" / "results.json").write_text(json.dumps({**record, "test": {"accuracy": 0.9}}))
+    (tmp_path / "base-s0").mkdir()
+    (tmp_path / "base-s0" / "results.json").write_text(json.dumps(record))
+    assert [r["candidate"] for r in ranking(tmp_path)] == ["base"]
+    (tmp_path / "base-s0" / "results.json").write_text(json.dumps({**record, "test": {"accuracy": 0.9}}))
     with pytest.raises(ValueError, match="evaluated on the test split"):
         ranking(tmp_path)
 
