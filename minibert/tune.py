@@ -39,6 +39,7 @@ LEVERS = {
     "lora-alpha-60": {"lora_alpha": 60.0},
     "lr-5e-4": {"lr": 5e-4},
     "lr-1e-3": {"lr": 1e-3},
+    "head-best": {"drop_rate": 0.1, "hidden_dim": 256},  # the paper's presets with `best`'s head
 }
 SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-1",
           "supcon-intents", "swa"]  # each lever alone on `best`: the default candidates
