@@ -413,3 +413,20 @@ def test_select_dev_best_keeps_that_epoch(finished_run, small_massive, tmp_path)
     evaluate.main([str(run), "--split", "dev", "--data", str(small_massive)])  # the saved weights are the kept ones
     assert read_json(run / "eval-dev.json")["loss"] == results["dev_best"]["dev"]["loss"]
     assert not (run / "dev-best.safetensors").exists()
+
+
+def test_readme_results_are_the_committed_records(tmp_path, monkeypatch):
+    """`make readme-results` on the committed records gives the README's results block exactly,
+    so no number in it is typed by hand or left behind by a record that changed."""
+    from minibert import report
+
+    folder = "results/paper/all-MiniLM-L6-v2-e10"
+    for record in (ROOT / folder).glob("*/results.json"):
+        (tmp_path / folder / record.parent.name).mkdir(parents=True)
+        (tmp_path / folder / record.parent.name / "results.json").write_bytes(record.read_bytes())
+    (tmp_path / "README.md").write_bytes((ROOT / "README.md").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    # The picture is matplotlib's to draw; its name in the block is what is compared.
+    monkeypatch.setattr(report, "plot_curves", lambda runs, folder: {"dev accuracy per epoch": "dev-accuracy.png"})
+    report.main([folder, "--readme", "README.md"])
+    assert (tmp_path / "README.md").read_text() == (ROOT / "README.md").read_text()
