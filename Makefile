@@ -46,7 +46,7 @@ reference: install
 RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume
 EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best
 
-.PHONY: zeroshot $(EXPERIMENTS) paper readme-results tune bench
+.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds bucketing readme-results tune bench
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
@@ -59,8 +59,17 @@ $(EXPERIMENTS): install data
 SEEDS ?= 3
 JOBS  ?= 2
 PAPER_DIR = results/paper/$(MODEL)-e$(EPOCHS)
+SEEDS_RUN = $(PY) -m minibert.paper --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS)
 paper: install data
-	$(PY) -m minibert.paper $(PAPER_DIR) --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS)
+	$(SEEDS_RUN) $(PAPER_DIR)
+
+# `best` for SEEDS seeds, and the bucketing question: baseline and best with batching flipped
+# (baseline bucketed, best not), against the paper's baseline and best-seeds' unflipped runs.
+best-seeds: install data
+	$(SEEDS_RUN) results/best/$(MODEL)-e$(EPOCHS) --rows best
+bucketing: install data
+	$(SEEDS_RUN) results/bucketing/$(MODEL)-e$(EPOCHS)-bucketed --rows baseline --flags=--bucket
+	$(SEEDS_RUN) results/bucketing/$(MODEL)-e$(EPOCHS)-unbucketed --rows best --flags=--no-bucket
 
 # The README's results section, regenerated from the committed records.
 readme-results: install

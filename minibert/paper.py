@@ -8,6 +8,7 @@ cores shared out among them (OMP_NUM_THREADS); each run's output goes to its fol
 """
 
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ ROWS = ["zeroshot", "baseline", "scheduler", "swa", "both", "lora20", "lora30", 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def commands(folder, model, epochs, seeds, device, rows=ROWS):
+def commands(folder, model, epochs, seeds, device, rows=ROWS, flags=()):
     """→ [(run folder, argv)] of the runs not finished yet, in the order they should start. A row
     whose settings cannot work at this length (SWA needs 5 epochs or more) is left out, said once."""
     runnable = [row for row in rows if row == "zeroshot" or works(row, epochs)]
@@ -37,7 +38,7 @@ def commands(folder, model, epochs, seeds, device, rows=ROWS):
                 argv = ["evaluate.py", "--zero-shot", "--model", model, "--seed", str(seed), "--out", str(out)]
             else:
                 argv = ["train.py", "--experiment", row, "--model", model, "--epochs", str(epochs),
-                        "--seed", str(seed), "--device", device, "--out", str(out), "--resume"]
+                        "--seed", str(seed), "--device", device, "--out", str(out), "--resume", *flags]
             todo.append((out, [sys.executable, *argv]))
     return todo
 
@@ -69,6 +70,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: one run uses every core)")
+    p.add_argument("--rows", nargs="+", choices=[*ROWS, "best"], default=ROWS, help="experiments (default: the "
+                   "paper's nine)")
+    p.add_argument("--flags", default="", help="more train.py flags for every run, e.g. --flags=--bucket")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.seeds < 1 or args.epochs < 1:
         p.error("--jobs, --seeds and --epochs must be at least 1")
@@ -76,7 +80,7 @@ def main(argv=None):
         model, _ = resolve(args.model)
     except (ValueError, DownloadError) as e:
         sys.exit(f"python -m minibert.paper: {e}")
-    todo = commands(args.folder, model, args.epochs, args.seeds, args.device)
+    todo = commands(args.folder, model, args.epochs, args.seeds, args.device, args.rows, shlex.split(args.flags))
     failed = run_all(todo, args.jobs)
     report.main([args.folder])
     if failed:

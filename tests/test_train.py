@@ -399,6 +399,9 @@ def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):
     short = [out.name for out, _ in commands(tmp_path, "all-MiniLM-L6-v2", 4, 1, "cpu")]
     assert "swa-s0" not in short and "both-s0" not in short and "scheduler-s0" in short
     assert "swa is left out: --swa with --epochs 4" in capsys.readouterr().out
+    ((out, argv),) = commands(tmp_path, "all-MiniLM-L6-v2", 10, 1, "cpu", ["best"], ["--no-bucket"])
+    parsed = train.parse_args(argv[2:])
+    assert out.name == "best-s0" and parsed.experiment == "best" and parsed.bucket is False
 
 
 def test_select_dev_best_keeps_that_epoch(finished_run, small_massive, tmp_path):
