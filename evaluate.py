@@ -60,11 +60,12 @@ def parse_args(argv=None):
             p.error(f"--{name} applies to --zero-shot only (a run's seed is fixed, its records go to RUN_DIR)")
     if args.weight_changes and (args.zero_shot or predicting or args.embeddings):
         p.error("--weight-changes needs a trained RUN_DIR and nothing else")
-    if args.split and (args.zero_shot or predicting or args.embeddings):
-        p.error("--split applies to evaluating RUN_DIR only (--zero-shot and --embeddings use the test split)")
-    if args.device and (args.zero_shot or args.embeddings):
-        p.error("--device applies to evaluating RUN_DIR and to --predict only (--zero-shot and --embeddings "
-                "run on the CPU)")
+    if args.split and (args.zero_shot or predicting or args.embeddings or args.weight_changes):
+        p.error("--split applies to evaluating RUN_DIR only (--zero-shot and --embeddings use the test split, "
+                "--weight-changes none)")
+    if args.device and (args.zero_shot or args.embeddings or args.weight_changes):
+        p.error("--device applies to evaluating RUN_DIR and to --predict only (--zero-shot, --embeddings and "
+                "--weight-changes run on the CPU)")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; pass a folder")
     return args
@@ -144,7 +145,7 @@ def main(argv=None):
 
 
 def evaluate_run(args):
-    device = torch.device("cpu") if args.embeddings else pick_device(args.device or "auto")
+    device = torch.device("cpu") if args.embeddings or args.weight_changes else pick_device(args.device or "auto")
     model, tokenizer, meta = load_run(args.run_dir)
     model.to(device)
     if args.model and args.model != meta["model"]:

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -80,9 +80,10 @@ FLAG_HELP = {
     "supervise": "train on the labels, on MASSIVE's 60 intents (a scenario's probability is the sum of its "
                  "intents'), or on both losses added",
     "contrastive_labels": "supcon: positives share a label, or share an intent",
-    "layer_decay": "layer-wise lr decay: the head at lr, the top layer at lr x decay, each lower layer x decay "
-                   "again; 1 turns it off",
-    "rdrop": "R-Drop: weight of the symmetric KL between two dropout passes of each batch; 0 turns it off",
+    "layer_decay": "layer-wise lr decay of the classifier stage: the head at lr, the top layer at lr x decay, "
+                   "each lower layer x decay again; 1 turns it off",
+    "rdrop": "R-Drop: weight of the symmetric KL between two dropout passes, per sentence (the R-Drop code's "
+             "alpha, which weighs the batch's sum, times the batch size); 0 turns it off",
 }
 
 
@@ -177,7 +178,7 @@ class Run:
     autocast: Callable  # () → a context: autocast, or nothing in fp32
     scaler: torch.amp.GradScaler | None  # fp16 only
     labels: tuple
-    intents: torch.Tensor  # (N,) the train split's intent ids, for --supervise and --contrastive-labels
+    intents: dict  # split → (N,) intent ids, for --supervise and --contrastive-labels
     tokenizer: Tokenizer
     model: ScenarioClassifier
     contrastive: ContrastiveModel | None  # contrastive runs only
@@ -275,7 +276,8 @@ def setup(args):
 
     run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision,
               autocast=autocast, scaler=scaler, labels=data.labels,
-              intents=torch.tensor(data.intent_ids(data.train)), tokenizer=tokenizer, model=model,
+              intents={name: torch.tensor(data.intent_ids(data.split(name))) for name in splits},
+              tokenizer=tokenizer, model=model,
               contrastive=contrastive, trained=trained, forward=forward, splits=splits, run_dir=run_dir,
               average=WeightAverage(model) if config.swa else None)
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
@@ -388,7 +390,7 @@ def batch_loss(run, index, contrastive_stage):
     config, shard = run.config, index[run.rank::run.world]
     batch = run.splits["train"].batch(shard)
     input_ids, attention_mask, labels = (t.to(run.device, non_blocking=True) for t in batch)
-    intents = run.intents[shard].to(run.device, non_blocking=True)
+    intents = run.intents["train"][shard].to(run.device, non_blocking=True)
     with run.autocast():
         if contrastive_stage:
             views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
@@ -396,14 +398,12 @@ def batch_loss(run, index, contrastive_stage):
             loss = supcon_loss(views, positives.get(config.loss), config.temperature, config.temperature)
             return loss, None, labels
         passes = 2 if config.rdrop else 1  # R-Drop: the batch twice in one forward, two dropout masks
-        if passes == 2:
-            input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
         if config.stage2 == "probe":
             with torch.no_grad():
-                cls = run.model.embed(input_ids, attention_mask)
+                cls = run.model.embed(input_ids, attention_mask).repeat(passes, 1)  # a frozen encoder: once
             fine = run.forward(run.model.dropout(cls))
         else:
-            fine = run.forward(input_ids, attention_mask, fine=True)
+            fine = run.forward(input_ids.repeat(passes, 1), attention_mask.repeat(passes, 1), fine=True)
         fine = fine.float()  # the head's outputs: intents with --supervise intents/both, else labels
         logits = run.model.coarse(fine)
 
@@ -472,10 +472,12 @@ def contrastive_record(run):
     labelled = run.config.loss == "supcon"
     record = {}
     for split in ("dev",) + (() if run.args.no_test else ("test",)):
+        encoded = run.splits[split]
+        if run.config.contrastive_labels == "intents":  # the positives stage 1 trained with
+            encoded = replace(encoded, labels=run.intents[split])
         # Its own fixed dropout stream: the two views of every sentence are the same on a re-run.
         torch.manual_seed(run.config.seed * 1000 + 999_999)
-        metrics = contrastive_metrics(run.contrastive, run.splits[split], run.device, labelled,
-                                      run.config.temperature)
+        metrics = contrastive_metrics(run.contrastive, encoded, run.device, labelled, run.config.temperature)
         record.update({f"{split}_contrastive_loss": metrics["loss"],
                        f"{split}_contrastive_loss_paper_sum": metrics["loss_paper_sum"]})
     return record

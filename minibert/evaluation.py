@@ -160,6 +160,9 @@ def weight_changes(encoder, pretrained):
     for name, before in pretrained.named_modules():
         if isinstance(before, torch.nn.Linear) and name.startswith("layers."):
             after = encoder.get_submodule(name)
-            weight = after.base.weight + after.delta() if isinstance(after, LoRALinear) else after.weight
+            if isinstance(after, LoRALinear):
+                weight = after.base.weight if after.merged else after.base.weight + after.delta()
+            else:
+                weight = after.weight
             changes[name] = ((weight - before.weight).norm() / before.weight.norm()).item()
     return changes

@@ -31,7 +31,7 @@ LEVERS = {
     "layer-decay-0.8": {"layer_decay": 0.8},
     "lr-2e-4": {"lr": 2e-4},
     "lr-5e-5": {"lr": 5e-5},
-    "rdrop-1": {"rdrop": 1.0},
+    "rdrop-4": {"rdrop": 4.0},  # per sentence: the R-Drop code's alpha 0.25 at batch 16
     "supcon-intents": {"loss": "supcon", "contrastive_labels": "intents", "contrastive_epochs": 1},
     "swa": {"swa": True},
     # For --base lora20 / lora30: peft's examples scale alpha with r and train at higher rates.
@@ -41,7 +41,7 @@ LEVERS = {
     "lr-1e-3": {"lr": 1e-3},
     "head-best": {"drop_rate": 0.1, "hidden_dim": 256},  # the paper's presets with `best`'s head
 }
-SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-1",
+SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-4",
           "supcon-intents", "swa"]  # each lever alone on `best`: the default candidates
 
 
@@ -53,6 +53,15 @@ def changes(candidate):
             raise ValueError(f"--candidates {candidate}: no lever {lever!r}; the levers are {', '.join(LEVERS)}")
         merged.update(LEVERS[lever])
     return merged
+
+
+def config_of(candidate, base, epochs):
+    """The candidate's TrainConfig: the base preset with its levers pulled, keeping its best dev
+    epoch apart unless it averages weights."""
+    fields = changes(candidate)
+    if not fields.get("swa"):
+        fields["select"] = "dev-best"
+    return PRESETS[base].override(epochs=epochs, **fields), fields
 
 
 def argv_of(fields):
@@ -68,11 +77,9 @@ def commands(folder, model, epochs, seed, device, candidates, base="best"):
     work at this length (SWA needs 5 epochs or more) is left out, said once."""
     todo = []
     for candidate in candidates:
-        fields = changes(candidate)
-        if not fields.get("swa"):
-            fields["select"] = "dev-best"
         try:
-            PRESETS[base].override(epochs=epochs, **fields).check()
+            config, fields = config_of(candidate, base, epochs)
+            config.check()
         except ValueError as e:
             print(f"{candidate} is left out: {e}")
             continue
@@ -84,15 +91,23 @@ def commands(folder, model, epochs, seed, device, candidates, base="best"):
     return todo
 
 
-def ranking(folder):
-    """The finished candidates of `folder`, best dev accuracy first."""
+def ranking(folder, base, epochs):
+    """The finished candidates of `folder`, best dev accuracy first. A record that saw the test
+    split, or was trained with other settings than its name says, stops the ranking."""
     rows = []
     for path in sorted(Path(folder).glob("*/results.json")):
         results = json.loads(path.read_text())
         if results["test"] is not None or (results["dev_best"] or {}).get("test") is not None:
             raise ValueError(f"{path}: evaluated on the test split; a search must not see it")
-        rows.append({"candidate": path.parent.name.rsplit("-s", 1)[0], "seed": results["seed"],
-                     "changes": changes(path.parent.name.rsplit("-s", 1)[0]),
+        candidate = path.parent.name.rsplit("-s", 1)[0]
+        expected = config_of(candidate, base, epochs)[0].to_dict()
+        trained = results["hyperparameters"]
+        differ = [k for k in expected if k not in ("model", "seed") and trained.get(k) != expected[k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{path}: trained with {k} {trained.get(k)!r}, not the {expected[k]!r} of {candidate} "
+                             f"on {base} at {epochs} epochs; give this search its own folder")
+        rows.append({"candidate": candidate, "seed": results["seed"], "changes": changes(candidate),
                      "dev_accuracy": results["dev"]["accuracy"], "dev_loss": results["dev"]["loss"],
                      "dev_best": results["dev_best"] and {"epoch": results["dev_best"]["epoch"],
                                                           "accuracy": results["dev_best"]["dev"]["accuracy"]},
@@ -132,7 +147,7 @@ def main(argv=None):
         model, _ = resolve(args.model)  # decided once, so that every candidate trains the same model
         todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates, args.base)
         failed = run_all(todo, args.jobs)
-        rows = ranking(args.folder)
+        rows = ranking(args.folder, args.base, args.epochs)
     except (ValueError, DownloadError) as e:
         sys.exit(f"python -m minibert.tune: {e}")
     folder = Path(args.folder)

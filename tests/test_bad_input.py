@@ -127,6 +127,7 @@ CASES = [
     # ---- evaluate.py: what RUN_DIR is, and flags that do not go with it ----
     ("run-is-a-file", [*EVALUATE, "{tmp}/model/config.json"], {}, {}, "config.json: a file"),
     ("run-not-a-run", [*EVALUATE, "{tmp}/model"], {}, {}, "model.json: missing"),
+    ("weight-changes-split", [*EVALUATE, "{run}", "--weight-changes", "--split", "dev"], {}, {}, "--split applies"),
     ("weight-changes-zero-shot", [*EVALUATE, "--zero-shot", "--weight-changes"], {}, {},
      "--weight-changes needs a trained RUN_DIR"),
     ("run-unfinished", [*EVALUATE, "{tmp}/half"], {"half/checkpoint.safetensors": b""}, {}, "has not finished"),

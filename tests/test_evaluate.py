@@ -187,3 +187,12 @@ def test_weight_changes_measure_the_weight_each_layer_computes_with():
     trained = copy.deepcopy(pretrained)
     trained.layers[0].output.weight.data.mul_(1.5)  # moved by half its own norm
     assert weight_changes(trained, pretrained)["layers.0.output"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_weight_changes_of_an_untrained_run_are_zero(small_massive, tmp_path, capsys):
+    run = write_run(tmp_path / "run", load_massive(small_massive))
+    evaluate.main([str(run), "--weight-changes"])
+    changes = read_json(run / "weight-changes.json")["relative_change"]
+    layers = json.loads((TINY / "config.json").read_text())["num_hidden_layers"]
+    assert len(changes) == 6 * layers and set(changes.values()) == {0.0}
+    assert "attention_output" in capsys.readouterr().out  # the table's columns

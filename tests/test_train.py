@@ -252,15 +252,15 @@ def torchrun(*argv):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("stage2", ["finetune", "probe"])
-def test_two_processes_compute_one_process_gradient(stage2, tiny_model, small_massive, tmp_path):
+@pytest.mark.parametrize("stage2, extra", [("finetune", []), ("probe", []), ("finetune", ["--supervise", "both"])])
+def test_two_processes_compute_one_process_gradient(stage2, extra, tiny_model, small_massive, tmp_path):
     """A ragged batch of 5 shared 3 + 2: the gradient two processes apply (DDP's average of
     each process's) is the one-process gradient of the batch's mean loss, for the whole
     classifier and for a probe's head alone."""
     from safetensors.torch import load_file
 
     common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--drop-rate", "0",
-              "--stage2", stage2]
+              "--stage2", stage2, *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     subprocess.run([sys.executable, "tests/one_step.py", str(tmp_path / "one.safetensors"), *common,
                     "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True, capture_output=True)
@@ -370,23 +370,27 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
     from minibert.experiments import PRESETS
     from minibert.tune import commands, ranking
 
-    plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["base", "supervise-both+rdrop-1", "swa"])
+    plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["base", "supervise-both+rdrop-4", "swa"])
     assert "swa is left out: --swa with --epochs 3" in capsys.readouterr().out
-    assert [out.name for out, _ in plan] == ["base-s0", "supervise-both+rdrop-1-s0"]
+    assert [out.name for out, _ in plan] == ["base-s0", "supervise-both+rdrop-4-s0"]
     for out, argv in plan:
         parsed = train.parse_args(argv[2:])
         assert parsed.no_test and parsed.select == "dev-best" and parsed.experiment == "best"
     config = PRESETS["best"].override(**{k: getattr(train.parse_args(plan[1][1][2:]), k) for k in train.FLAG_HELP})
-    assert config == PRESETS["best"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=1.0,
+    assert config == PRESETS["best"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=4.0,
                                               select="dev-best")
+    trained = PRESETS["best"].override(epochs=3, select="dev-best").to_dict()
     record = {"seed": 0, "test": None, "dev": {"accuracy": 0.9, "loss": 0.3}, "dev_best": None,
-              "dev_accuracy_per_epoch": [0.9], "wall_seconds": 60, "command": "python train.py"}
+              "dev_accuracy_per_epoch": [0.9], "wall_seconds": 60, "command": "python train.py",
+              "hyperparameters": trained}
     (tmp_path / "base-s0").mkdir()
     (tmp_path / "base-s0" / "results.json").write_text(json.dumps(record))
-    assert [r["candidate"] for r in ranking(tmp_path)] == ["base"]
+    assert [r["candidate"] for r in ranking(tmp_path, "best", 3)] == ["base"]
+    with pytest.raises(ValueError, match="trained with epochs 3, not the 10"):
+        ranking(tmp_path, "best", 10)  # a folder of another search
     (tmp_path / "base-s0" / "results.json").write_text(json.dumps({**record, "test": {"accuracy": 0.9}}))
     with pytest.raises(ValueError, match="evaluated on the test split"):
-        ranking(tmp_path)
+        ranking(tmp_path, "best", 3)
 
 
 def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):
