@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .cli import Parser
+from .evaluation import accuracy_interval
 from .experiments import PRESETS, flag
 from .fetch import DownloadError
 from .paper import run_all
@@ -109,6 +110,7 @@ def ranking(folder, base, epochs):
                              f"on {base} at {epochs} epochs; give this search its own folder")
         rows.append({"candidate": candidate, "seed": results["seed"], "changes": changes(candidate),
                      "dev_accuracy": results["dev"]["accuracy"], "dev_loss": results["dev"]["loss"],
+                     "dev_n": results["dev"]["n"],
                      "dev_best": results["dev_best"] and {"epoch": results["dev_best"]["epoch"],
                                                           "accuracy": results["dev_best"]["dev"]["accuracy"]},
                      "dev_accuracy_per_epoch": results["dev_accuracy_per_epoch"],
@@ -117,15 +119,21 @@ def ranking(folder, base, epochs):
 
 
 def dev_table(rows, epochs):
+    base = next((r["dev_accuracy"] for r in rows if r["candidate"] == "base"), None)
     lines = [f"Dev accuracy after {epochs} epochs (the test split was never evaluated), best first.",
-             "", "| candidate | changes from the base preset | dev accuracy | dev loss | best dev epoch: accuracy | "
-             "dev accuracy per epoch | minutes |", "|---|---|---|---|---|---|---|"]
+             "", "| candidate | changes from the base preset | dev accuracy | Δ vs base | dev loss | best dev epoch: "
+             "accuracy | dev accuracy per epoch | minutes |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         changed = ", ".join(f"{flag(k)} {v}" for k, v in r["changes"].items()) or "–"
+        delta = f"{100 * (r['dev_accuracy'] - base):+.2f} pt" if base is not None else "–"
         best = f"{r['dev_best']['epoch']}: {r['dev_best']['accuracy']:.4f}" if r["dev_best"] else "–"
         curve = " ".join(f"{a:.3f}" for a in r["dev_accuracy_per_epoch"])
-        lines.append(f"| {r['candidate']} | {changed} | {r['dev_accuracy']:.4f} | {r['dev_loss']:.4f} | {best} | "
-                     f"{curve} | {r['wall_seconds'] / 60:.0f} |")
+        lines.append(f"| {r['candidate']} | {changed} | {r['dev_accuracy']:.4f} | {delta} | {r['dev_loss']:.4f} | "
+                     f"{best} | {curve} | {r['wall_seconds'] / 60:.0f} |")
+    if rows:
+        se, _ = accuracy_interval(rows[0]["dev_accuracy"], rows[0]["dev_n"])
+        lines += ["", f"One seed each: the dev split's binomial 95 % interval is ± {100 * 1.96 * se:.2f} points "
+                  f"({rows[0]['dev_n']} sentences); a difference inside it is a hint, not evidence."]
     return "\n".join(lines) + "\n"
 
 

@@ -368,7 +368,7 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
     """Every candidate is `best` with its levers pulled, trained with --no-test; a record that holds
     test figures stops the ranking."""
     from minibert.experiments import PRESETS
-    from minibert.tune import commands, ranking
+    from minibert.tune import commands, dev_table, ranking
 
     plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["base", "supervise-both+rdrop-4", "swa"])
     assert "swa is left out: --swa with --epochs 3" in capsys.readouterr().out
@@ -380,12 +380,13 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
     assert config == PRESETS["best"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=4.0,
                                               select="dev-best")
     trained = PRESETS["best"].override(epochs=3, select="dev-best").to_dict()
-    record = {"seed": 0, "test": None, "dev": {"accuracy": 0.9, "loss": 0.3}, "dev_best": None,
+    record = {"seed": 0, "test": None, "dev": {"accuracy": 0.9, "loss": 0.3, "n": 2033}, "dev_best": None,
               "dev_accuracy_per_epoch": [0.9], "wall_seconds": 60, "command": "python train.py",
               "hyperparameters": trained}
     (tmp_path / "base-s0").mkdir()
     (tmp_path / "base-s0" / "results.json").write_text(json.dumps(record))
     assert [r["candidate"] for r in ranking(tmp_path, "best", 3)] == ["base"]
+    assert "| base | – | 0.9000 | +0.00 pt |" in dev_table(ranking(tmp_path, "best", 3), 3)
     with pytest.raises(ValueError, match="trained with epochs 3, not the 10"):
         ranking(tmp_path, "best", 10)  # a folder of another search
     (tmp_path / "base-s0" / "results.json").write_text(json.dumps({**record, "test": {"accuracy": 0.9}}))
