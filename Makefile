@@ -83,7 +83,7 @@ readme-results: install
 
 # Choose the `best` preset on the dev split alone (the test split is never evaluated): every
 # lever alone on BASE at TUNE_EPOCHS, or CANDIDATES="base swa supervise-both+swa" (levers joined by +).
-BASE        ?= best
+BASE        ?= search
 TUNE_EPOCHS ?= 3
 CANDIDATES  ?=
 tune: install data

@@ -1,10 +1,10 @@
 """Choose the `best` preset on the dev split alone.
 
-    python -m minibert.tune results/tune/all-MiniLM-L6-v2-e3 --model all-MiniLM-L6-v2 --epochs 3 --jobs 2
-    python -m minibert.tune results/tune/all-MiniLM-L6-v2-e10 --epochs 10 --candidates base swa supervise-both+swa
+    python -m minibert.tune results/tune/all-MiniLM-L6-v2-search-e3 --model all-MiniLM-L6-v2 --epochs 3 --jobs 2
+    python -m minibert.tune results/tune/all-MiniLM-L6-v2-search-e10 --epochs 10 --candidates base swa supervise-both+swa
     python -m minibert.tune results/tune/lora20-e3 --base lora20 --candidates base lora-alpha-40 lr-1e-3
 
-A candidate is the `best` preset (or --base PRESET) with levers pulled: one lever (the screen),
+A candidate is the `search` preset (or --base PRESET) with levers pulled: one lever (the screen),
 or several joined by "+". Each trains with `train.py --no-test`, so the test split is never
 evaluated (each results.json is checked for it), and keeps its best dev epoch apart
 (--select dev-best) unless it averages weights. The ranking, by the last epoch's dev accuracy,
@@ -23,7 +23,7 @@ from .fetch import DownloadError
 from .paper import run_all
 from .weights import resolve
 
-# Each lever: the TrainConfig fields it changes from the base preset (`best`: drop 0.1 on [CLS],
+# Each lever: the TrainConfig fields it changes from the base preset (`search`: drop 0.1 on [CLS],
 # head 256, linear schedule with 6% warmup, lr 1e-4, bucketed batches). "base" changes nothing.
 LEVERS = {
     "base": {},
@@ -43,7 +43,7 @@ LEVERS = {
     "head-best": {"drop_rate": 0.1, "hidden_dim": 256},  # the paper's presets with `best`'s head
 }
 SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-4",
-          "supcon-intents", "swa"]  # each lever alone on `best`: the default candidates
+          "supcon-intents", "swa"]  # each lever alone on `search`: the default candidates
 
 
 def changes(candidate):
@@ -73,7 +73,7 @@ def argv_of(fields):
     return argv
 
 
-def commands(folder, model, epochs, seed, device, candidates, base="best"):
+def commands(folder, model, epochs, seed, device, candidates, base="search"):
     """→ [(run folder, argv)] of the candidates not finished yet; a candidate whose settings cannot
     work at this length (SWA needs 5 epochs or more) is left out, said once."""
     todo = []
@@ -103,7 +103,9 @@ def ranking(folder, base, epochs):
         candidate = path.parent.name.rsplit("-s", 1)[0]
         expected = config_of(candidate, base, epochs)[0].to_dict()
         trained = results["hyperparameters"]
-        differ = [k for k in expected if k not in ("model", "seed") and trained.get(k) != expected[k]]
+        # The experiment is a name, not a setting: the committed search ran `search`'s settings
+        # when that preset was still called best.
+        differ = [k for k in expected if k not in ("experiment", "model", "seed") and trained.get(k) != expected[k]]
         if differ:
             k = differ[0]
             raise ValueError(f"{path}: trained with {k} {trained.get(k)!r}, not the {expected[k]!r} of {candidate} "
@@ -145,7 +147,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: one run uses every core)")
-    p.add_argument("--base", choices=sorted(PRESETS), default="best", help="the preset the levers change")
+    p.add_argument("--base", choices=sorted(PRESETS), default="search", help="the preset the levers change")
     p.add_argument("--candidates", nargs="+", default=SCREEN,
                    help=f"levers, or levers joined by + (default: {' '.join(SCREEN)})")
     args = p.parse_args(argv)

@@ -365,7 +365,7 @@ def test_gradient_clipping_bounds_every_step(small_massive, minilm_dir, tmp_path
 
 
 def test_search_never_sees_the_test_split(tmp_path, capsys):
-    """Every candidate is `best` with its levers pulled, trained with --no-test; a record that holds
+    """Every candidate is `search` with its levers pulled, trained with --no-test; a record that holds
     test figures stops the ranking."""
     from minibert.experiments import PRESETS
     from minibert.tune import commands, dev_table, ranking
@@ -375,23 +375,23 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
     assert [out.name for out, _ in plan] == ["base-s0", "supervise-both+rdrop-4-s0"]
     for out, argv in plan:
         parsed = train.parse_args(argv[2:])
-        assert parsed.no_test and parsed.select == "dev-best" and parsed.experiment == "best"
-    config = PRESETS["best"].override(**{k: getattr(train.parse_args(plan[1][1][2:]), k) for k in train.FLAG_HELP})
-    assert config == PRESETS["best"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=4.0,
+        assert parsed.no_test and parsed.select == "dev-best" and parsed.experiment == "search"
+    config = PRESETS["search"].override(**{k: getattr(train.parse_args(plan[1][1][2:]), k) for k in train.FLAG_HELP})
+    assert config == PRESETS["search"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=4.0,
                                               select="dev-best")
-    trained = PRESETS["best"].override(epochs=3, select="dev-best").to_dict()
+    trained = PRESETS["search"].override(epochs=3, select="dev-best").to_dict()
     record = {"seed": 0, "test": None, "dev": {"accuracy": 0.9, "loss": 0.3, "n": 2033}, "dev_best": None,
               "dev_accuracy_per_epoch": [0.9], "wall_seconds": 60, "command": "python train.py",
               "hyperparameters": trained}
     (tmp_path / "base-s0").mkdir()
     (tmp_path / "base-s0" / "results.json").write_text(json.dumps(record))
-    assert [r["candidate"] for r in ranking(tmp_path, "best", 3)] == ["base"]
-    assert "| base | – | 0.9000 | +0.00 pt |" in dev_table(ranking(tmp_path, "best", 3), 3)
+    assert [r["candidate"] for r in ranking(tmp_path, "search", 3)] == ["base"]
+    assert "| base | – | 0.9000 | +0.00 pt |" in dev_table(ranking(tmp_path, "search", 3), 3)
     with pytest.raises(ValueError, match="trained with epochs 3, not the 10"):
-        ranking(tmp_path, "best", 10)  # a folder of another search
+        ranking(tmp_path, "search", 10)  # a folder of another search
     (tmp_path / "base-s0" / "results.json").write_text(json.dumps({**record, "test": {"accuracy": 0.9}}))
     with pytest.raises(ValueError, match="evaluated on the test split"):
-        ranking(tmp_path, "best", 3)
+        ranking(tmp_path, "search", 3)
 
 
 def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):
@@ -438,3 +438,4 @@ def test_readme_results_are_the_committed_records(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "plot_curves", lambda runs, folder: {"dev accuracy per epoch": "dev-accuracy.png"})
     report.main([folder, "--readme", "README.md"])
     assert (tmp_path / "README.md").read_text() == (ROOT / "README.md").read_text()
+
