@@ -177,7 +177,8 @@ CHOICES = {
 _base = TrainConfig()
 _search = _base.override(experiment="search", drop_rate=0.1, hidden_dim=256, scheduler="linear", warmup_ratio=0.06,
                          bucket=True)
-# What the winner of results/tune/all-MiniLM-L6-v2-search-e10/dev.md changes from `search`.
+# What the winner of results/tune/all-MiniLM-L6-v2-search-e10/dev.md changes from `search`: nothing.
+# `search` itself at 10 epochs led that round; its levers led at 3 epochs only (README).
 BEST_LEVERS = {}
 PRESETS = {
     "baseline": _base,

@@ -126,7 +126,7 @@ def dev_table(rows, epochs):
              "", "| candidate | changes from the base preset | dev accuracy | Δ vs base | dev loss | best dev epoch: "
              "accuracy | dev accuracy per epoch | minutes |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        changed = ", ".join(f"{flag(k)} {v}" for k, v in r["changes"].items()) or "–"
+        changed = ", ".join(flag(k) if v is True else f"{flag(k)} {v}" for k, v in r["changes"].items()) or "–"
         delta = f"{100 * (r['dev_accuracy'] - base):+.2f} pt" if base is not None else "–"
         best = f"{r['dev_best']['epoch']}: {r['dev_best']['accuracy']:.4f}" if r["dev_best"] else "–"
         curve = " ".join(f"{a:.3f}" for a in r["dev_accuracy_per_epoch"])

@@ -439,3 +439,17 @@ def test_readme_results_are_the_committed_records(tmp_path, monkeypatch):
     report.main([folder, "--readme", "README.md"])
     assert (tmp_path / "README.md").read_text() == (ROOT / "README.md").read_text()
 
+
+
+def test_best_is_the_committed_searchs_winner():
+    """`best` is `search` with the levers of the top row of the committed 10-epoch dev table,
+    and that table is what its records rank to (so neither was edited by hand)."""
+    from minibert.experiments import BEST_LEVERS, PRESETS
+    from minibert.tune import changes, dev_table, ranking
+
+    folder = ROOT / "results/tune/all-MiniLM-L6-v2-search-e10"
+    rows = ranking(folder, "search", 10)
+    assert json.loads((folder / "tune.json").read_text()) == rows
+    assert (folder / "dev.md").read_text() == dev_table(rows, 10)
+    assert BEST_LEVERS == changes(rows[0]["candidate"])
+    assert PRESETS["best"] == PRESETS["search"].override(experiment="best", **changes(rows[0]["candidate"]))
