@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,9 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minibert.classifier import ContrastiveModel, ScenarioClassifier
 from minibert.cli import Parser
-from minibert.data import batch_order, encode, load_massive
+from minibert.data import batch_order, encode, load_massive, to_device
 from minibert.evaluation import contrastive_metrics, evaluate
 from minibert.experiments import CHOICES, FIELDS, PRESETS, TrainConfig
+from minibert.fast import EpochBatches, Replay
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import supcon_loss, symmetric_kl
@@ -106,6 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                    help="auto: bf16 autocast where the device runs bf16 matmuls natively (a GPU that supports "
                         "it; a CPU with AVX512-BF16 or AMX), else fp32. Default: bf16 on such a GPU, else fp32")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fast path: batches padded to --max-len, nothing that waits for the device, and on a GPU "
+                        "the whole step replayed from one CUDA graph (on the CPU the same step runs eagerly). "
+                        "Default: on for one GPU process in bf16 or fp32, off elsewhere")
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<model>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
@@ -153,17 +159,37 @@ def native_bf16(device):
 
 
 def pick_precision(device, name):
-    """→ (name, autocast factory, gradient scaler or None). Decided once; model code never asks."""
+    """→ the precision's name: fp32, bf16 or fp16. Decided once; model code never asks."""
     if name == "auto":
-        name = "bf16" if native_bf16(device) else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     if name is None:
-        name = "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
-    if name == "fp32":
-        return name, nullcontext, None
-    dtype = torch.bfloat16 if name == "bf16" else torch.float16
-    # fp16 has too little range for BERT's gradients without loss scaling; bf16 needs none.
-    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-    return name, lambda: torch.autocast(device.type, dtype=dtype), scaler
+        return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+    return name
+
+
+def pick_fast(device, requested, precision, world):
+    """--fast: None (the default) turns it on where it pays and works, one GPU process in bf16 or
+    fp32; asked for where it cannot work, it is refused with the reason."""
+    blockers = [why for why, applies in (
+        ("--precision fp16 (its loss scaler reads the gradients' finiteness on the host every step)",
+         precision == "fp16"),
+        (f"{world} processes (the fast path runs in one)", world > 1)) if applies]
+    if requested is None:
+        return device.type == "cuda" and not blockers
+    if requested and blockers:
+        raise ValueError(f"--fast cannot run with {blockers[0]}; drop --fast or that setting")
+    return requested
+
+
+def autocast_and_scaler(device, precision, fast):
+    """→ (autocast factory, gradient scaler or None). fp16 has too little range for BERT's
+    gradients without loss scaling; bf16 needs none. A CUDA graph replays the weights' bf16
+    copies from the addresses it recorded, so the fast path keeps autocast's cache of them off."""
+    if precision == "fp32":
+        return nullcontext, None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=not fast), scaler
 
 
 @dataclass
@@ -175,6 +201,7 @@ class Run:
     rank: int
     world: int
     precision: str
+    fast: bool  # the fast path: static shapes, no host sync, a CUDA graph on a GPU
     autocast: Callable  # () → a context: autocast, or nothing in fp32
     scaler: torch.amp.GradScaler | None  # fp16 only
     labels: tuple
@@ -191,6 +218,8 @@ class Run:
     start_epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
+    replay: Replay | None = None  # the fast path's step for the current optimizer
+    totals: tuple = ()  # (loss sum, correct count) of the epoch so far, on the device
 
     @property
     def main_process(self):
@@ -239,7 +268,9 @@ def setup(args):
     rank, world = setup_distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    precision, autocast, scaler = pick_precision(device, args.precision)
+    precision = pick_precision(device, args.precision)
+    fast = pick_fast(device, args.fast, precision, world)
+    autocast, scaler = autocast_and_scaler(device, precision, fast)
 
     data = load_massive(args.data, labels=config.labels)
     name = config.model
@@ -274,7 +305,7 @@ def setup(args):
         check_run_dir(run_dir, args.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision,
+    run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision, fast=fast,
               autocast=autocast, scaler=scaler, labels=data.labels,
               intents={name: torch.tensor(data.intent_ids(data.split(name))) for name in splits},
               tokenizer=tokenizer, model=model,
@@ -285,7 +316,8 @@ def setup(args):
         restore(run)
     run.log(f"{config.experiment}: {encoder.name}, {len(data.labels)} labels, {len(splits['train'])} train "
             f"sentences, {run.steps_per_epoch} steps/epoch, {config.stage1_epochs} contrastive + {config.epochs} "
-            f"classifier epochs, {device.type} {precision}" + (f", {world} processes" if world > 1 else ""))
+            f"classifier epochs, {device.type} {precision}" + (f", {world} processes" if world > 1 else "")
+            + (", fast path" + (" (CUDA graph)" if device.type == "cuda" else " (eager)") if fast else ""))
     return run
 
 
@@ -324,8 +356,15 @@ def make_optimizer(run, contrastive_stage):
         params = layer_scales(module, run.model.encoder.config.num_hidden_layers, run.config.layer_decay)
     # The fused kernel updates each tensor in one pass over memory: on the CPU it is ~4x faster
     # than the default, and the optimizer step is a third of a step's time on a small BERT.
-    return torch.optim.AdamW(params, lr=run.config.lr, eps=run.config.adam_eps,
-                             weight_decay=run.config.weight_decay, fused=run.device.type in ("cpu", "cuda"))
+    # capturable: the step count lives on the device, so a CUDA graph can hold the update.
+    optimizer = torch.optim.AdamW(params, lr=run.config.lr, eps=run.config.adam_eps,
+                                  weight_decay=run.config.weight_decay, fused=run.device.type in ("cpu", "cuda"),
+                                  capturable=run.fast and run.device.type == "cuda")
+    if run.fast:  # the rate as a device tensor, set in place before each step: a graph reads it there
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=run.device)
+    run.replay = None  # a recorded step belongs to the optimizer it was recorded with
+    return optimizer
 
 
 # ---- one epoch: forward, loss, backward, clip, step, schedule, log -----------------------------
@@ -345,72 +384,107 @@ def train_epoch(run, epoch):
     # restarts at an epoch boundary, draws exactly what the uninterrupted run drew.
     torch.manual_seed(config.seed * 1000 + epoch + 1_000_003 * run.rank)
     started = time.perf_counter()
-    loss_sum = torch.zeros((), device=run.device)
-    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    if not run.totals:  # made once: a recorded step adds into these very tensors
+        run.totals = (torch.zeros((), device=run.device), torch.zeros((), device=run.device, dtype=torch.long))
+    for total in run.totals:
+        total.zero_()
+    if run.fast:
+        batches = EpochBatches.build(run.splits["train"], order, run.intents["train"], run.device)
+        if run.replay is None:
+            run.replay = Replay(partial(train_step, run, contrastive_stage, config.batch_size), run.device)
     window, window_start = 0, time.perf_counter()
     for i, index in enumerate(order, start=1):
         # The contrastive stage runs at the peak rate; the schedule counts the classifier's own steps.
         lr = config.lr if contrastive_stage else learning_rate(
             config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
         for group in run.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss, logits, labels = batch_loss(run, index, contrastive_stage)     # forward, loss
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler:                                                       # backward
-            run.scaler.scale(loss).backward()
-            run.scaler.unscale_(run.optimizer)
+            if run.fast:
+                group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+            else:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+        if not run.fast:
+            train_step(run, contrastive_stage, len(index), *shard_on_device(run, index))
+        elif len(index) == config.batch_size:
+            run.replay(*batches[i - 1])  # a CUDA graph's replay on a GPU
         else:
-            loss.backward()
-        if config.max_grad_norm:                                             # clip
-            torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
-                                           config.max_grad_norm)
-        if run.scaler:                                                       # step
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            run.optimizer.step()
+            train_step(run, contrastive_stage, len(index), *batches[i - 1])  # the short batch: eagerly
         run.step += 1                                                        # schedule: the next lr above
-        loss_sum += loss.detach()
-        if logits is not None:
-            correct += (logits.argmax(1) == labels).sum()
         window += len(index)
-        if i % run.args.log_every == 0 or i == len(order):                   # log
-            mean_loss = check_finite(loss_sum.item() / i, epoch, i, run.run_dir)
+        if i % run.args.log_every == 0 or i == len(order):                   # log: the step's one sync
+            mean_loss = check_finite(run.totals[0].item() / i, epoch, i, run.run_dir)
             rate = window / (time.perf_counter() - window_start)
             eta = (len(order) - i) * config.batch_size / rate
             run.log(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
                     f"lr {lr:.2e} {rate:.1f} samples/s epoch ETA {eta:.0f}s", flush=True)
             window, window_start = 0, time.perf_counter()
-    end_of_epoch(run, epoch, order, loss_sum, correct, lr, time.perf_counter() - started)
+    end_of_epoch(run, epoch, order, *run.totals, lr, time.perf_counter() - started)
+
+
+def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
+    """Forward, loss, backward, clip, AdamW; the loss and the correct count are added to
+    run.totals. Nothing here reads a value back from the device, so on the fast path a CUDA
+    graph can record the whole of it. `n`: sentences in the whole batch, over every process."""
+    config = run.config
+    loss, logits = batch_loss_on(run, contrastive_stage, n, input_ids, attention_mask, labels, intents)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler:                                                           # backward
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    if config.max_grad_norm:                                                 # clip
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                       config.max_grad_norm)
+    if run.scaler:                                                           # step
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    loss_sum, correct = run.totals
+    loss_sum += loss.detach()
+    if logits is not None:
+        correct += (logits.argmax(1) == labels).sum()
+
+
+def shard_on_device(run, index):
+    """This process's share of a batch, every world-th sentence, on the device →
+    (input_ids, attention_mask or None, labels, intents)."""
+    shard = index[run.rank::run.world]
+    return to_device((*run.splits["train"].batch(shard), run.intents["train"][shard]), run.device)
 
 
 def batch_loss(run, index, contrastive_stage):
-    """Forward and loss of one batch → (loss, logits or None, labels). Each process takes every
-    world-th sentence of the batch: its shard."""
-    config, shard = run.config, index[run.rank::run.world]
-    batch = run.splits["train"].batch(shard)
-    input_ids, attention_mask, labels = (t.to(run.device, non_blocking=True) for t in batch)
-    intents = run.intents["train"][shard].to(run.device, non_blocking=True)
+    """Forward and loss of the batch `index` (this process's shard of it) → (loss, logits or None, labels)."""
+    input_ids, attention_mask, labels, intents = shard_on_device(run, index)
+    loss, logits = batch_loss_on(run, contrastive_stage, len(index), input_ids, attention_mask, labels, intents)
+    return loss, logits, labels
+
+
+def batch_loss_on(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
+    """Forward and loss of a batch on the device → (loss, logits or None). The loss is the mean
+    over all `n` sentences of the batch, whatever this process's share of it."""
+    config = run.config
     with run.autocast():
         if contrastive_stage:
             views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
             positives = {"supcon": intents if config.contrastive_labels == "intents" else labels}
             loss = supcon_loss(views, positives.get(config.loss), config.temperature, config.temperature)
-            return loss, None, labels
+            return loss, None
         passes = 2 if config.rdrop else 1  # R-Drop: the batch twice in one forward, two dropout masks
         if config.stage2 == "probe":
             with torch.no_grad():
                 cls = run.model.embed(input_ids, attention_mask).repeat(passes, 1)  # a frozen encoder: once
             fine = run.forward(run.model.dropout(cls))
         else:
-            fine = run.forward(input_ids.repeat(passes, 1), attention_mask.repeat(passes, 1), fine=True)
+            mask = None if attention_mask is None else attention_mask.repeat(passes, 1)
+            fine = run.forward(input_ids.repeat(passes, 1), mask, fine=True)
         fine = fine.float()  # the head's outputs: intents with --supervise intents/both, else labels
         logits = run.model.coarse(fine)
 
         def mean_ce(outputs, targets):
             # The mean over the whole batch, whatever this process's share of it: DDP divides the
             # summed gradients by world, so each process scales its sum by world / batch.
-            return F.cross_entropy(outputs, targets.repeat(passes), reduction="sum") * run.world / len(index) / passes
+            return F.cross_entropy(outputs, targets.repeat(passes), reduction="sum") * run.world / n / passes
 
         if config.supervise == "labels":
             loss = mean_ce(logits, labels)
@@ -420,9 +494,9 @@ def batch_loss(run, index, contrastive_stage):
             loss = mean_ce(logits, labels) + mean_ce(fine, intents)
         if passes == 2:
             first, second = fine.chunk(2)
-            loss = loss + config.rdrop * symmetric_kl(first, second) * run.world / len(index)
-            logits = logits[: len(shard)]
-    return loss, logits, labels
+            loss = loss + config.rdrop * symmetric_kl(first, second) * run.world / n
+            logits = logits[: len(input_ids)]
+    return loss, logits
 
 
 def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
@@ -553,6 +627,8 @@ def finish(run, argv):
         "device": device_name(device) + (f" × {run.world} processes" if run.world > 1 else ""),
         "precision": run.precision,
         "eval_precision": "fp32",  # dev and test below; per-epoch dev figures use `precision`
+        # the fast path's steps: replayed from a CUDA graph, or the same static step run eagerly
+        "fast": ("cuda graph" if run.replay is not None and run.replay.captured else "eager") if run.fast else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "test": test_metrics,

@@ -84,11 +84,22 @@ class Encoded:
     def __len__(self):
         return len(self.labels)
 
-    def batch(self, index):
-        T = int(self.lengths[index].max())
+    def batch(self, index, pad_to=None):
+        """→ input_ids (B, T), attention_mask (B, T) or None, labels (B,). T is the longest row's
+        length, or `pad_to` for a fixed shape. The mask is None when no row is padded: decided
+        here, on the host, so that the model never asks the device (see attention_keys)."""
+        lengths = self.lengths[index]
+        T = pad_to or int(lengths.max())
         input_ids = self.input_ids[index, :T]
-        attention_mask = (torch.arange(T) < self.lengths[index, None]).long()  # (B, T)
+        attention_mask = (torch.arange(T) < lengths[:, None]).long()  # (B, T)
+        if pad_to is None and bool((lengths == T).all()):
+            attention_mask = None
         return input_ids, attention_mask, self.labels[index]
+
+
+def to_device(tensors, device):
+    """A batch's tensors → `device`, leaving a None (an unpadded batch's mask) as it is."""
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in tensors)
 
 
 def encode(tokenizer, examples, label_ids, max_len):

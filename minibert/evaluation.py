@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from .data import to_device
 from .lora import LoRALinear
 from .losses import supcon_loss
 
@@ -21,9 +22,9 @@ def predict(model, encoded, device, autocast=nullcontext, batch_size=256):
     order = torch.argsort(encoded.lengths)
     logits = torch.empty(len(encoded), 0)
     for index in order.split(batch_size):
-        input_ids, attention_mask, _ = encoded.batch(index)
+        input_ids, attention_mask, _ = to_device(encoded.batch(index), device)
         with autocast():
-            out = model(input_ids.to(device), attention_mask.to(device))
+            out = model(input_ids, attention_mask)
         if logits.shape[1] == 0:
             logits = torch.empty(len(encoded), out.shape[1])
         logits[index] = out.float().cpu()
@@ -145,7 +146,7 @@ def contrastive_metrics(contrastive, encoded, device, labelled, temperature):
     contrastive.train()
     losses = []
     for index in torch.arange(len(encoded)).split(PAPER_BATCH):
-        input_ids, attention_mask, labels = (t.to(device) for t in encoded.batch(index))
+        input_ids, attention_mask, labels = to_device(encoded.batch(index), device)
         views = contrastive.views(input_ids, attention_mask)  # (B, 2, H)
         losses.append(supcon_loss(views, labels if labelled else None, temperature, temperature).item())
     contrastive.train(was_training)

@@ -165,11 +165,10 @@ def attention_keys(attention_mask):
     A row that is all padding would leave its queries nothing to attend to, and softmax over
     nothing is 0/0 = NaN (in fp16 and bf16 also when a large negative bias overflows to -inf).
     Such a row carries no token, so it attends to all of its keys instead: finite, and ignored.
-    Returns None when nothing is padded, which lets attention take its unmasked fast path.
+    Whether a batch is padded at all is the caller's to know, on the host (see Encoded.batch):
+    asking the device here would make every step wait for it. Pass no mask when none is padded.
     """
     keep = attention_mask.bool()
-    if keep.all():
-        return None
     empty = ~keep.any(dim=1, keepdim=True)  # (B, 1)
     return (keep | empty)[:, None, None, :]
 

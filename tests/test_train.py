@@ -219,17 +219,30 @@ def test_label_map_must_match_the_data(finished_run, small_massive, tmp_path):
 
 def test_device_and_precision_are_chosen_once():
     assert train.pick_device("cpu") == torch.device("cpu")
-    name, autocast, scaler = train.pick_precision(torch.device("cpu"), None)
-    assert name == "fp32" and scaler is None
+    assert train.pick_precision(torch.device("cpu"), None) == "fp32"
     for avx512_bf16, amx, expected in [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")]:
         with pytest.MonkeyPatch.context() as m:  # as torch would report such a CPU
             m.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
             m.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-            assert train.pick_precision(torch.device("cpu"), "auto")[0] == expected
-            assert train.pick_precision(torch.device("cpu"), None)[0] == "fp32"  # the default stays fp32
-    name, autocast, _ = train.pick_precision(torch.device("cpu"), "bf16")
+            assert train.pick_precision(torch.device("cpu"), "auto") == expected
+            assert train.pick_precision(torch.device("cpu"), None) == "fp32"  # the default stays fp32
+    autocast, scaler = train.autocast_and_scaler(torch.device("cpu"), "bf16", fast=False)
+    assert scaler is None
     with autocast():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    assert train.autocast_and_scaler(torch.device("cpu"), "fp16", fast=False)[1] is not None
+
+
+def test_the_fast_path_is_on_by_default_on_one_gpu_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not train.pick_fast(cpu, None, "fp32", 1)
+    assert train.pick_fast(gpu, None, "bf16", 1) and train.pick_fast(gpu, None, "fp32", 1)
+    assert not train.pick_fast(gpu, None, "fp16", 1) and not train.pick_fast(gpu, None, "bf16", 2)
+    assert train.pick_fast(cpu, True, "fp32", 1)
+    with pytest.raises(ValueError, match="--fast cannot run with --precision fp16"):
+        train.pick_fast(cpu, True, "fp16", 1)
+    with pytest.raises(ValueError, match="--fast cannot run with 2 processes"):
+        train.pick_fast(gpu, True, "bf16", 2)
 
 
 def test_embedding_analysis_with_and_without_matplotlib(finished_run, small_massive, monkeypatch, capsys):
