@@ -51,37 +51,39 @@ class EpochBatches:
 
 
 class Replay:
-    """Calls `step(*inputs)`. On a GPU, the first `warmup` calls run eagerly on a side stream (the
-    optimizer creates its state, cuBLAS its workspaces), the next one records the step into a CUDA
-    graph, and from then on a call copies its inputs into the recorded ones and replays the graph.
-    Every call must pass inputs of the recorded shapes; a batch of another shape (an epoch's
-    last, short one) goes to `step` directly. On any other device every call runs eagerly."""
+    """Calls `step(*inputs)` and returns what it returns. On a GPU, the first `warmup` calls run
+    eagerly on a side stream (the optimizer creates its state, cuBLAS its workspaces), the next
+    one records the step into a CUDA graph, and from then on a call copies its inputs into the
+    recorded ones and replays the graph; what it returns are then the recorded outputs, which the
+    next replay overwrites. Every call must pass inputs of the recorded shapes; a batch of another
+    shape (an epoch's last, short one) goes to `step` directly. Elsewhere every call runs eagerly."""
 
     def __init__(self, step, device, warmup=3):
         self.step, self.device, self.warmup = step, device, warmup
         self.calls = 0
         self.graph = None
-        self.inputs = None
+        self.inputs = self.outputs = None
 
     def __call__(self, *inputs):
+        self.calls += 1
         if self.device.type != "cuda":
-            self.step(*inputs)
-        elif self.calls < self.warmup:
+            return self.step(*inputs)
+        if self.calls <= self.warmup:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self.step(*inputs)
+                out = self.step(*inputs)
             torch.cuda.current_stream(self.device).wait_stream(side)
-        else:
-            if self.graph is None:
-                self.inputs = [x.clone() for x in inputs]
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):  # records, runs nothing
-                    self.step(*self.inputs)
-            for recorded, x in zip(self.inputs, inputs):
-                recorded.copy_(x)
-            self.graph.replay()
-        self.calls += 1
+            return out
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, runs nothing
+                self.outputs = self.step(*self.inputs)
+        for recorded, x in zip(self.inputs, inputs):
+            recorded.copy_(x)
+        self.graph.replay()
+        return self.outputs
 
     @property
     def captured(self):
