@@ -10,6 +10,7 @@ MODEL  ?= auto
 EPOCHS ?= 10
 SEED   ?= 0
 DEVICE ?= auto
+FLAGS  ?=
 
 .PHONY: install weights compact-weights data test reference
 
@@ -43,10 +44,11 @@ reference: install
 # ---- the paper's experiments ------------------------------------------------------------------
 # Each target trains one preset of minibert/experiments.py and leaves runs/<experiment>-<model>-s<seed>/.
 # A finished run is reused; an interrupted one resumes from its last epoch.
-RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume
+# FLAGS: more train.py flags for every run, e.g. FLAGS=--no-fast (a GPU's eager loop) or FLAGS=--bucket.
+RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume $(FLAGS)
 EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best
 
-.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds bucketing precision readme-results tune bench
+.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds bucketing precision readme-results tune bench bench-gpu
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
@@ -59,7 +61,8 @@ $(EXPERIMENTS): install data
 SEEDS ?= 3
 JOBS  ?= 2
 PAPER_DIR = results/paper/$(MODEL)-e$(EPOCHS)
-SEEDS_RUN = $(PY) -m minibert.paper --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS)
+SEEDS_RUN = $(PY) -m minibert.paper --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS) \
+	$(if $(FLAGS),--flags="$(FLAGS)")
 paper: install data
 	$(SEEDS_RUN) $(PAPER_DIR)
 
@@ -93,3 +96,7 @@ tune: install data
 # Training and evaluation speed against transformers, side by side in one process.
 bench: install data
 	$(PY) bench/speed.py
+# The same on a CUDA GPU: bert-base shapes, random weights; transformers compiled, peft LoRA, minibert
+# eager and fast (CUDA graph).
+bench-gpu: install
+	$(PY) bench/gpu.py
