@@ -515,7 +515,7 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
     if not contrastive_stage:
         if averages_after(config, epoch - stage1):
             run.average.update()
-        dev = evaluate(run.model, run.splits["dev"], run.device, run.autocast)
+        dev = evaluate(run.model, run.splits["dev"], run.device, run.autocast, fast=run.fast)
         row.update(train_accuracy=correct.item() / len(run.splits["train"]), dev_loss=dev["loss"],
                    dev_accuracy=dev["accuracy"])
         if config.select == "dev-best" and dev["accuracy"] > max(
@@ -598,11 +598,11 @@ def finish(run, argv):
     if average is not None and average.n_averaged:
         average.copy_to_model()  # the averaged weights are the ones evaluated and saved
     # The figures compared with the paper are computed in fp32, whatever the training precision.
-    final_dev = evaluate(model, run.splits["dev"], device)
+    final_dev = evaluate(model, run.splits["dev"], device, fast=run.fast)
     if average is not None and average.n_averaged:
         swa_dev = final_dev
         run.log(f"SWA average of {average.n_averaged} epochs: dev accuracy {swa_dev['accuracy']:.4f}")
-    test_metrics = None if run.args.no_test else evaluate(model, run.splits["test"], device)
+    test_metrics = None if run.args.no_test else evaluate(model, run.splits["test"], device, fast=run.fast)
     if test_metrics:
         run.log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
                 f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
@@ -658,8 +658,10 @@ def select_dev_best(run):
     evaluate them, in fp32 like the last epoch's figures → the record of that epoch."""
     tensors, metadata = load_tensors(run.best_weights)
     load_into(run.model, tensors, run.best_weights)
-    record = {"epoch": int(metadata["epoch"]), "dev": evaluate(run.model, run.splits["dev"], run.device),
-              "test": None if run.args.no_test else evaluate(run.model, run.splits["test"], run.device)}
+    record = {"epoch": int(metadata["epoch"]),
+              **{split: evaluate(run.model, run.splits[split], run.device, fast=run.fast)
+                 for split in ("dev", "test") if split == "dev" or not run.args.no_test}}
+    record.setdefault("test", None)
     run.log(f"kept epoch {record['epoch']} (best dev accuracy {record['dev']['accuracy']:.4f})"
             + (f": test accuracy {record['test']['accuracy']:.4f}" if record["test"] else ""))
     return record

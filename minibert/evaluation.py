@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import to_device
+from .fast import Replay
 from .lora import LoRALinear
 from .losses import supcon_loss
 
@@ -14,17 +15,31 @@ PAPER_BATCH = 16  # the paper's "loss" is a sum over test batches of 16 of each 
 
 
 @torch.no_grad()
-def predict(model, encoded, device, autocast=nullcontext, batch_size=256):
+def predict(model, encoded, device, autocast=nullcontext, batch_size=256, fast=False):
     """→ logits (N, n_labels) in fp32, in the split's order. Rows are processed sorted by length
-    so that each batch pads little; the order is restored at the end."""
+    so that each batch pads little; the order is restored at the end.
+
+    With `fast`, every batch is (batch_size, max_len), the last one filled up with empty rows,
+    and on a GPU the forward is replayed from a CUDA graph (minibert/fast.py); the logits are
+    those of the eager forward, to float rounding."""
     was_training = model.training
     model.eval()
+
+    def forward(input_ids, attention_mask):
+        with autocast():
+            return model(input_ids, attention_mask)
+
+    replay = Replay(forward, device) if fast else None
     order = torch.argsort(encoded.lengths)
     logits = torch.empty(len(encoded), 0)
     for index in order.split(batch_size):
-        input_ids, attention_mask, _ = to_device(encoded.batch(index), device)
-        with autocast():
-            out = model(input_ids, attention_mask)
+        if fast:
+            full = torch.cat([index, index.new_full((batch_size - len(index),), -1)])  # -1: an empty row
+            input_ids, attention_mask, _ = encoded.batch(full.clamp(min=0), pad_to=encoded.input_ids.shape[1])
+            attention_mask[len(index):] = 0
+            out = replay(*to_device((input_ids, attention_mask), device))[: len(index)]
+        else:
+            out = forward(*to_device(encoded.batch(index)[:2], device))
         if logits.shape[1] == 0:
             logits = torch.empty(len(encoded), out.shape[1])
         logits[index] = out.float().cpu()
@@ -45,8 +60,8 @@ def metrics(logits, labels):
     }
 
 
-def evaluate(model, encoded, device, autocast=nullcontext):
-    return metrics(predict(model, encoded, device, autocast), encoded.labels)
+def evaluate(model, encoded, device, autocast=nullcontext, fast=False):
+    return metrics(predict(model, encoded, device, autocast, fast=fast), encoded.labels)
 
 
 def per_label_accuracy(logits, labels, names):

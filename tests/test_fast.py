@@ -79,6 +79,22 @@ def test_a_batch_without_padding_has_no_mask(small_massive, minilm_dir):
     assert encoded.batch(same, pad_to=20)[1].sum() == 2 * encoded.lengths[0]  # a fixed shape keeps its mask
 
 
+def test_fast_prediction_gives_the_eager_logits(small_massive, minilm_dir):
+    """Batches of a fixed shape, the last filled up with empty rows: the same logits."""
+    from minibert.classifier import ScenarioClassifier
+    from minibert.evaluation import predict
+    from minibert.weights import load_pretrained
+
+    encoder, tokenizer, _ = load_pretrained(str(minilm_dir))
+    data = load_massive(small_massive)
+    encoded = encode(tokenizer, data.dev, data.label_ids(data.dev, "scenario"), 20)
+    torch.manual_seed(0)
+    model = ScenarioClassifier(encoder, 18)
+    eager = predict(model, encoded, torch.device("cpu"), batch_size=32)
+    fast = predict(model, encoded, torch.device("cpu"), batch_size=32, fast=True)  # 48 rows: 32 + 16 and 16 empty
+    assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-5)
+
+
 @GPU
 def test_cuda_graph_replays_the_eager_steps():
     """A small BERT classifier step recorded in a CUDA graph, against the same step run eagerly from
