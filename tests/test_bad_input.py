@@ -77,6 +77,8 @@ CASES = [
      "averages no epoch"),
     ("select-with-swa", [*TRAIN, *NO_MODEL, "--experiment", "swa", "--select", "dev-best"], {}, {},
      "--select dev-best with --swa"),
+    ("fast-with-fp16", [*TRAIN, *NO_MODEL, "--device", "cpu", "--fast", "--precision", "fp16"], {}, {},
+     "--fast cannot run with --precision fp16"),
     ("layer-decay-zero", [*TRAIN, *NO_MODEL, "--layer-decay", "0"], {}, {}, "--layer-decay 0.0: must be above 0"),
     ("layer-decay-above-one", [*TRAIN, *NO_MODEL, "--layer-decay", "1.5"], {}, {}, "--layer-decay 1.5"),
     ("rdrop-negative", [*TRAIN, *NO_MODEL, "--rdrop", "-1"], {}, {}, "--rdrop -1.0: must be a finite number"),
