@@ -157,6 +157,25 @@ def build(names, make):
     return built
 
 
+def profile(step, data, device, top=12):
+    """Where one step's time goes: the kernels (GPU) or operators (CPU) of a few steps, by total
+    time, and how many ran per step. A graph's replay runs every recorded kernel, so on a GPU
+    this is the list to shorten."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profiler(activities=[activity]) as prof:
+        timed(step, data, device)
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == (device.type == "cuda")]
+    time_of = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    calls = sum(e.count for e in events) / len(data)
+    total = sum(time_of(e) for e in events) / len(data)
+    print(f"\nprofile of {len(data)} steps: {calls:.0f} kernels or operators per step, {total / 1000:.2f} ms of "
+          f"their time per step; the {top} largest:")
+    for e in sorted(events, key=time_of, reverse=True)[:top]:
+        print(f"  {time_of(e) / len(data) / 1000:7.3f} ms/step {e.count / len(data):5.0f} calls/step  {e.key[:90]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=50, help="timed steps per round")
@@ -165,6 +184,7 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide encoder: checks the script on any device")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--profile", action="store_true", help="also profile minibert's fast step: its kernels by time")
     p.add_argument("--compile-fast", action="store_true",
                    help="also time minibert's fast path with the model compiled inside the graph (experimental)")
     args = p.parse_args()
@@ -222,6 +242,10 @@ def main():
     for name, seconds in evals.items():
         ratio = f"{reference / seconds:6.2f}x" if reference else "   -"
         print(f"  {name:<40} {1000 * seconds:7.2f} ms/batch {256 / seconds:9.0f} samples/s {ratio}")
+    if args.profile:
+        step = make_train("minibert fast (CUDA graph)")
+        timed(step, train_data[:args.warmup], device)
+        profile(step, train_data[args.warmup:args.warmup + 5], device)
     if device.type == "cuda":
         print(f"\npeak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
 
