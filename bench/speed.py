@@ -18,7 +18,6 @@ beside the machine's matmul peak measured here, so the distance to the limit sho
 """
 
 import argparse
-import statistics
 import sys
 import time
 from contextlib import nullcontext
