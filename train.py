@@ -658,10 +658,9 @@ def select_dev_best(run):
     evaluate them, in fp32 like the last epoch's figures → the record of that epoch."""
     tensors, metadata = load_tensors(run.best_weights)
     load_into(run.model, tensors, run.best_weights)
-    record = {"epoch": int(metadata["epoch"]),
-              **{split: evaluate(run.model, run.splits[split], run.device, fast=run.fast)
-                 for split in ("dev", "test") if split == "dev" or not run.args.no_test}}
-    record.setdefault("test", None)
+    dev = evaluate(run.model, run.splits["dev"], run.device, fast=run.fast)
+    test = None if run.args.no_test else evaluate(run.model, run.splits["test"], run.device, fast=run.fast)
+    record = {"epoch": int(metadata["epoch"]), "dev": dev, "test": test}
     run.log(f"kept epoch {record['epoch']} (best dev accuracy {record['dev']['accuracy']:.4f})"
             + (f": test accuracy {record['test']['accuracy']:.4f}" if record["test"] else ""))
     return record

@@ -34,9 +34,9 @@ def predict(model, encoded, device, autocast=nullcontext, batch_size=256, fast=F
     logits = torch.empty(len(encoded), 0)
     for index in order.split(batch_size):
         if fast:
-            full = torch.cat([index, index.new_full((batch_size - len(index),), -1)])  # -1: an empty row
-            input_ids, attention_mask, _ = encoded.batch(full.clamp(min=0), pad_to=encoded.input_ids.shape[1])
-            attention_mask[len(index):] = 0
+            full = torch.cat([index, index.new_zeros(batch_size - len(index))])  # filled up with row 0 ...
+            input_ids, attention_mask, _ = encoded.batch(full, pad_to=encoded.input_ids.shape[1])
+            attention_mask[len(index):] = 0  # ... made empty: it attends to nothing real, its output is dropped
             out = replay(*to_device((input_ids, attention_mask), device))[: len(index)]
         else:
             out = forward(*to_device(encoded.batch(index)[:2], device))
