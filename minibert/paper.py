@@ -4,7 +4,8 @@
 
 Seed 0 of every row runs first (a whole table), then the other seeds. A finished run is kept, an
 interrupted one resumes from its last epoch. With --jobs N, N runs go side by side, the CPU's
-cores shared out among them (OMP_NUM_THREADS); each run's output goes to its folder's train.log.
+cores shared out among them unless OMP_NUM_THREADS says how many threads each run gets; each run's
+output goes to its folder's train.log.
 """
 
 import os
@@ -52,6 +53,18 @@ def works(row, epochs):
         return False
 
 
+def threads_per_run(jobs, environ=os.environ):
+    """OMP_NUM_THREADS where the caller set it (e.g. 1, to keep cores free for other work), else
+    the cores shared out among `jobs` runs."""
+    setting = environ.get("OMP_NUM_THREADS", "").strip()
+    if not setting:
+        return max(1, (os.cpu_count() or 1) // jobs)
+    if not setting.isdigit() or int(setting) < 1:
+        sys.exit(f"OMP_NUM_THREADS={setting!r}: set it to a whole number of threads per run (1 or more), "
+                 "or unset it to share the cores out")
+    return int(setting)
+
+
 def run_one(out, argv, threads):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -88,8 +101,9 @@ def main(argv=None):
 
 
 def run_all(todo, jobs):
-    """Run [(folder, argv)] `jobs` at a time, the cores shared out among them → how many failed."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    """Run [(folder, argv)] `jobs` at a time → how many failed. Each run gets OMP_NUM_THREADS threads
+    where it is set, else an equal share of the cores."""
+    threads = threads_per_run(jobs)
     print(f"{len(todo)} runs to go, {jobs} at a time, {threads} threads each")
     with ThreadPoolExecutor(jobs) as pool:
         codes = list(pool.map(lambda job: run_one(*job, threads), todo))

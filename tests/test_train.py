@@ -334,6 +334,17 @@ def test_report_from_run_folders(finished_run, small_massive, tmp_path, monkeypa
     assert "| baseline |" in (paper / "report.md").read_text()
 
 
+def test_runs_side_by_side_share_the_cores_unless_told(monkeypatch):
+    from minibert.paper import threads_per_run
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [threads_per_run(jobs, {}) for jobs in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert threads_per_run(2, {"OMP_NUM_THREADS": "1"}) == 1  # the caller's setting wins
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit, match="OMP_NUM_THREADS"):
+            threads_per_run(2, {"OMP_NUM_THREADS": bad})
+
+
 @pytest.fixture(scope="module")
 def fp32_epoch(small_massive, minilm_dir, tmp_path_factory):
     return train.main(args(small_massive, tmp_path_factory.mktemp("fp32") / "run", "--epochs", "1"))
