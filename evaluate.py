@@ -40,7 +40,8 @@ def parse_args(argv=None):
                    help="with RUN_DIR: where the model runs (default auto: cuda, then mps, then cpu)")
     p.add_argument("--zero-shot", action="store_true", help="pretrained encoder, freshly initialised head")
     p.add_argument("--embeddings", action="store_true",
-                   help="analyse the [CLS] embeddings: alignment, uniformity, k-NN accuracy, PCA picture")
+                   help="analyse the sentence vectors ([CLS], or the mean where the run pools so): alignment, "
+                        "uniformity, k-NN accuracy, PCA picture")
     p.add_argument("--weight-changes", action="store_true",
                    help="with RUN_DIR: how far training moved each weight matrix of the encoder from the "
                         "pretrained one, per layer (relative Frobenius norm)")
@@ -48,6 +49,9 @@ def parse_args(argv=None):
                    help="with --zero-shot: which pretrained model (default auto); with RUN_DIR: "
                         "the model the run must have been trained from")
     p.add_argument("--seed", type=int, default=None, help="with --zero-shot: seed of the untrained head (default 0)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default=None,
+                   help="with --zero-shot: the sentence vector the head and --embeddings read (default cls, the "
+                        "paper's); a run reads what it was trained with")
     p.add_argument("--out", default=None, help="with --zero-shot: run folder for its results.json")
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.run_dir):
@@ -55,7 +59,7 @@ def parse_args(argv=None):
     predicting = bool(args.predict or args.predict_file)
     if predicting and (args.zero_shot or args.embeddings):
         p.error("--predict and --predict-file need a trained RUN_DIR and nothing else")
-    for name in ("seed", "out"):
+    for name in ("seed", "out", "pooling"):
         if getattr(args, name) is not None and not args.zero_shot:
             p.error(f"--{name} applies to --zero-shot only (a run's seed is fixed, its records go to RUN_DIR)")
     if args.weight_changes and (args.zero_shot or predicting or args.embeddings):
@@ -99,11 +103,12 @@ def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
         "alignment": alignment(z["test"], labels["test"]),
         "uniformity": uniformity(z["test"]),
         "knn_accuracy": knn_accuracy(z["train"], labels["train"], z["test"], labels["test"], k=10),
+        "pooling": model.pooling,
     }
     print(f"embeddings ({title}): alignment {result['alignment']:.4f} uniformity {result['uniformity']:.4f} "
           f"10-NN accuracy {result['knn_accuracy']:.4f}")
     picture = Path(out_dir) / "embeddings-pca.png"
-    if plot(pca_2d(z["test"]), labels["test"], data.labels, picture, f"[CLS] embeddings, test split: {title}"):
+    if plot(pca_2d(z["test"]), labels["test"], data.labels, picture, f"{'[CLS]' if model.pooling == 'cls' else 'mean-pooled'} embeddings, test split: {title}"):
         result["picture"] = picture.name
         print(f"wrote {picture}")
     else:
@@ -114,11 +119,12 @@ def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
 
 def zero_shot(args, argv):
     """The paper's experiment 1: no training at all, so accuracy lands near chance (1/18)."""
-    config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed or 0, epochs=0)
+    config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed or 0, epochs=0,
+                         pooling=args.pooling or "cls")
     data = load_massive(args.data)
     torch.manual_seed(config.seed)
     encoder, tokenizer, _ = load_pretrained(config.model)
-    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate)
+    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, pooling=config.pooling)
     test = encode(tokenizer, data.test, data.label_ids(data.test, "scenario"), config.max_len)
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
     run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}-s{config.seed}")

@@ -54,7 +54,7 @@ FLAG_HELP = {
     "epochs": "training epochs",
     "lr": "peak learning rate of AdamW",
     "batch_size": "sentences per optimizer step",
-    "drop_rate": "dropout on the [CLS] vector before the head",
+    "drop_rate": "dropout on the sentence vector ([CLS], see --pooling) before the head",
     "hidden_dim": "width of the head's hidden layer",
     "max_len": "word-pieces per sentence, [CLS] and [SEP] included",
     "adam_eps": "AdamW epsilon",
@@ -86,6 +86,7 @@ FLAG_HELP = {
                    "each lower layer x decay again; 1 turns it off",
     "rdrop": "R-Drop: weight of the symmetric KL between two dropout passes, per sentence (the R-Drop code's "
              "alpha, which weighs the batch's sum, times the batch size); 0 turns it off",
+    "pooling": "what the head reads: the [CLS] vector (the paper), or mean: the mean of the sentence's word-pieces",
 }
 
 
@@ -285,8 +286,8 @@ def setup(args):
     if config.lora_r:
         apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_list)
     groups = data.intent_groups() if config.supervise != "labels" else None
-    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups)
-    contrastive = ContrastiveModel(encoder, config.drop_rate) if config.stage1_epochs else None
+    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups, config.pooling)
+    contrastive = ContrastiveModel(encoder, config.drop_rate, config.pooling) if config.stage1_epochs else None
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
     trained.to(device)
     # What the classifier's gradients flow through: the whole model, or the head alone for a
@@ -722,6 +723,7 @@ def save_model(run_dir, model, tokenizer, labels, config):
         "groups": model.groups,  # with --supervise intents/both: each intent output's label
         "hidden_dim": config.hidden_dim,
         "drop_rate": config.drop_rate,
+        "pooling": config.pooling,
         "max_len": config.max_len,
         "lora": lora,
     })

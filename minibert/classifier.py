@@ -4,17 +4,32 @@ import torch
 from torch import nn
 
 
+def pool(hidden, attention_mask, pooling):
+    """(B, T, H) hidden states → (B, H) sentence vectors: the [CLS] position, or the mean over the
+    sentence's own positions (padding left out)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling must be cls or mean, not {pooling!r}")
+    if attention_mask is None:  # an unpadded batch: every position is a word-piece
+        return hidden.mean(1)
+    mask = attention_mask[:, :, None].to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
 class ScenarioClassifier(nn.Module):
-    """encoder → last_hidden_state[:, 0] → Dropout(drop_rate) → Linear(H, hidden_dim) → ReLU
-    → Linear(hidden_dim, n_labels). The paper's defaults: drop_rate 0.9, hidden_dim 10.
+    """encoder → last_hidden_state[:, 0] (or, with pooling "mean", its mean) → Dropout(drop_rate)
+    → Linear(H, hidden_dim) → ReLU → Linear(hidden_dim, n_labels). The paper's defaults:
+    drop_rate 0.9, hidden_dim 10, pooling "cls".
 
     With `groups` (one label index per output), the head predicts finer classes, MASSIVE's
     intents, and a label's probability is the sum of its classes' probabilities:
     its logit is the logsumexp of theirs, since softmax(logsumexp) = Σ softmax."""
 
-    def __init__(self, encoder, n_labels, hidden_dim=10, drop_rate=0.9, groups=None):
+    def __init__(self, encoder, n_labels, hidden_dim=10, drop_rate=0.9, groups=None, pooling="cls"):
         super().__init__()
         self.encoder = encoder
+        self.pooling = pooling
         if encoder.pooler is not None:
             # The paper's model reads the [CLS] hidden state, not the pooled output: the pooler
             # gets no gradient, so it is frozen rather than handed to the optimizer.
@@ -36,8 +51,8 @@ class ScenarioClassifier(nn.Module):
             self.groups = groups.tolist()
 
     def embed(self, input_ids, attention_mask=None):
-        """The [CLS] vector, (B, T) → (B, H): what the head sees before dropout."""
-        return self.encoder(input_ids, attention_mask)[:, 0]
+        """The sentence vector, (B, T) → (B, H): what the head sees before dropout."""
+        return pool(self.encoder(input_ids, attention_mask), attention_mask, self.pooling)
 
     def forward(self, input_ids, attention_mask=None, fine=False):
         """(B, T) → (B, n_labels) label logits; with `fine`, the head's own outputs (intents)."""
@@ -59,15 +74,17 @@ class ContrastiveModel(nn.Module):
     Linear(H, H) → ReLU → Linear(H, H), L2-normalised. Two passes of the same batch with
     dropout active give two views of every sentence (SimCSE, Gao et al. 2021, §3)."""
 
-    def __init__(self, encoder, drop_rate=0.1):
+    def __init__(self, encoder, drop_rate=0.1, pooling="cls"):
         super().__init__()
         H = encoder.config.hidden_size
         self.encoder = encoder
+        self.pooling = pooling  # the classifier's, so that stage 1 shapes the vector stage 2 reads
         self.dropout = nn.Dropout(drop_rate)
         self.projection = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, H))
 
     def forward(self, input_ids, attention_mask=None):
-        z = self.projection(self.dropout(self.encoder(input_ids, attention_mask)[:, 0]))  # (B, H)
+        z = self.projection(self.dropout(pool(self.encoder(input_ids, attention_mask), attention_mask,
+                                              self.pooling)))  # (B, H)
         return nn.functional.normalize(z.float(), dim=-1)
 
     def views(self, input_ids, attention_mask=None):

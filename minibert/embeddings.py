@@ -1,5 +1,5 @@
-"""What the [CLS] vectors look like: alignment and uniformity (Wang & Isola 2020, §4.1),
-k-nearest-neighbour accuracy, and a 2-D PCA picture.
+"""What the sentence vectors ([CLS], or mean-pooled) look like: alignment and uniformity (Wang &
+Isola 2020, §4.1), k-nearest-neighbour accuracy, and a 2-D PCA picture.
 
 Embeddings are L2-normalised first, as both measures are defined on the unit sphere. Here a
 positive pair is two sentences of the same scenario: alignment says how close those sit
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def embed(model, encoded, batch_size=256):
-    """[CLS] vectors of an encoded split, (N, H), in its order."""
+    """The sentence vectors the head reads, of an encoded split, (N, H), in its order."""
     model.eval()
     out = torch.empty(len(encoded), model.encoder.config.hidden_size)
     for index in torch.argsort(encoded.lengths).split(batch_size):

@@ -54,6 +54,9 @@ class TrainConfig:
     contrastive_labels: str = "labels"  # supcon's positives: sentences of one label, or of one intent
     layer_decay: float = 1.0  # layer-wise lr decay: the layer k below the top trains at lr x decay^k
     rdrop: float = 0.0  # R-Drop: weight of the symmetric KL between two dropout passes; 0 = off
+    # What the head reads: the [CLS] vector (the paper's), or the mean over the sentence's
+    # word-pieces, the pooling all-MiniLM-L6-v2 was trained with as a sentence embedder.
+    pooling: str = "cls"
 
     def to_dict(self):
         return asdict(self)
@@ -172,6 +175,7 @@ CHOICES = {
     "select": ("last", "dev-best"),
     "supervise": ("labels", "intents", "both"),
     "contrastive_labels": ("labels", "intents"),
+    "pooling": ("cls", "mean"),
 }
 
 _base = TrainConfig()

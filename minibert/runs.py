@@ -227,8 +227,9 @@ def load_run(run_dir):
         else:
             encoder = BertModel(BertConfig(**meta["encoder"]))
             encoder.name = meta["model"]
+        # Older runs have no groups (one output per label) and read [CLS].
         model = ScenarioClassifier(encoder, len(meta["labels"]), meta["hidden_dim"], meta["drop_rate"],
-                                   meta.get("groups"))  # older runs have no groups: one output per label
+                                   meta.get("groups"), meta.get("pooling", "cls"))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: incomplete or wrong field ({e}); the file is damaged") from None
     tensors, _ = load_tensors(run_dir / "model.safetensors")

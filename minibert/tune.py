@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .cli import Parser
 from .evaluation import accuracy_interval
-from .experiments import PRESETS, flag
+from .experiments import FIELDS, PRESETS, flag
 from .fetch import DownloadError
 from .paper import run_all
 from .weights import resolve
@@ -41,6 +41,7 @@ LEVERS = {
     "lr-5e-4": {"lr": 5e-4},
     "lr-1e-3": {"lr": 1e-3},
     "head-best": {"drop_rate": 0.1, "hidden_dim": 256},  # the paper's presets with `best`'s head
+    "pool-mean": {"pooling": "mean"},  # the head reads the mean of the word-pieces, not [CLS]
 }
 SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-4",
           "supcon-intents", "swa"]  # each lever alone on `search`: the default candidates
@@ -105,7 +106,9 @@ def ranking(folder, base, epochs):
         trained = results["hyperparameters"]
         # The experiment is a name, not a setting: the committed search ran `search`'s settings
         # when that preset was still called best.
-        differ = [k for k in expected if k not in ("experiment", "model", "seed") and trained.get(k) != expected[k]]
+        # A setting newer than the record had its default's behaviour then.
+        trained = {k: trained.get(k, FIELDS[k].default) for k in expected}
+        differ = [k for k in expected if k not in ("experiment", "model", "seed") and trained[k] != expected[k]]
         if differ:
             k = differ[0]
             raise ValueError(f"{path}: trained with {k} {trained.get(k)!r}, not the {expected[k]!r} of {candidate} "

@@ -157,3 +157,38 @@ def test_supcon_on_intents_pairs_sentences_of_one_intent(tiny_model, small_massi
         encoded.labels) or {"loss": 0.0, "loss_paper_sum": 0.0})
     train.contrastive_record(run)
     assert [labels.tolist() for labels in recorded] == [data.intent_ids(data.dev), data.intent_ids(data.test)]
+
+
+def test_mean_pooling_averages_the_sentence_and_ignores_padding():
+    """A sentence's mean-pooled vector is the mean of its own positions' hidden states, the same
+    alone (no mask) and in a batch padded for a longer sentence; [CLS] pooling reads position 0."""
+    torch.manual_seed(0)
+    model = ScenarioClassifier(BertModel(TINY), 4, pooling="mean").eval()
+    short, long = torch.tensor([[1, 5, 6, 2]]), torch.tensor([[1, 7, 8, 9, 10, 11, 2]])
+    batch = torch.zeros(2, 7, dtype=torch.long)
+    batch[0, :4], batch[1] = short[0], long[0]
+    mask = (batch != 0).long()
+    with torch.no_grad():
+        alone = model.embed(short)
+        padded = model.embed(batch, mask)
+        hidden = model.encoder(short)
+    assert torch.allclose(alone[0], hidden[0].mean(0), atol=1e-6)
+    assert torch.allclose(padded[0], alone[0], atol=1e-5)  # the padding positions are left out
+    assert not torch.allclose(padded[0], model.encoder(batch, mask)[0].mean(0), atol=1e-3)  # they would move it
+    model.pooling = "cls"
+    with torch.no_grad():
+        assert torch.equal(model.embed(short), hidden[:, 0])
+
+
+def test_a_mean_pooled_run_reloads_with_its_pooling(tiny_model, small_massive, tmp_path):
+    run = train.main(["--model", str(tiny_model), "--data", str(small_massive), "--out", str(tmp_path / "run"),
+                      "--max-len", "16", "--epochs", "1", "--pooling", "mean"])
+    assert read_json(run / "model.json")["pooling"] == "mean"
+    assert read_json(run / "results.json")["hyperparameters"]["pooling"] == "mean"
+    evaluate.main([str(run), "--data", str(small_massive)])
+    assert read_json(run / "eval-test.json")["loss"] == pytest.approx(read_json(run / "results.json")["test"]["loss"])
+    # Read through [CLS] instead, the same weights give other outputs: the record decides.
+    meta = read_json(run / "model.json")
+    (run / "model.json").write_text(json.dumps({**meta, "pooling": "cls"}))
+    evaluate.main([str(run), "--data", str(small_massive)])
+    assert read_json(run / "eval-test.json")["loss"] != pytest.approx(read_json(run / "results.json")["test"]["loss"])
