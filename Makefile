@@ -46,9 +46,9 @@ reference: install
 # A finished run is reused; an interrupted one resumes from its last epoch.
 # FLAGS: more train.py flags for every run, e.g. FLAGS=--no-fast (a GPU's eager loop) or FLAGS=--bucket.
 RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume $(FLAGS)
-EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best
+EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best lora20-tuned lora30-tuned
 
-.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds bucketing precision readme-results tune bench bench-gpu
+.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds lora-seeds bucketing precision readme-results tune bench bench-gpu
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
@@ -70,6 +70,9 @@ paper: install data
 # (baseline bucketed, best not), against the paper's baseline and best-seeds' unflipped runs.
 best-seeds: install data
 	$(SEEDS_RUN) results/best/$(MODEL)-e$(EPOCHS) --rows best
+# LoRA tuned on dev (lora20-tuned, lora30-tuned) for SEEDS seeds, beside the paper's LoRA rows.
+lora-seeds: install data
+	$(SEEDS_RUN) results/lora-tuned/$(MODEL)-e$(EPOCHS) --rows lora20-tuned lora30-tuned
 bucketing: install data
 	$(SEEDS_RUN) results/bucketing/$(MODEL)-e$(EPOCHS)-bucketed --rows baseline --flags=--bucket
 	$(SEEDS_RUN) results/bucketing/$(MODEL)-e$(EPOCHS)-unbucketed --rows best --flags=--no-bucket

@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: one run uses every core)")
-    p.add_argument("--rows", nargs="+", choices=[*ROWS, "best"], default=ROWS, help="experiments (default: the "
+    p.add_argument("--rows", nargs="+", choices=[*ROWS, "best", "lora20-tuned", "lora30-tuned"], default=ROWS, help="experiments (default: the "
                    "paper's nine)")
     p.add_argument("--flags", default="", help="more train.py flags for every run, e.g. --flags=--bucket")
     args = p.parse_args(argv)

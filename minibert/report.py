@@ -28,7 +28,7 @@ PAPER = {
     "supcon": (347.9449, 0.8967),
     "simclr": (302.1467, 0.9152),
 }
-ORDER = list(PAPER) + ["best"]
+ORDER = list(PAPER) + ["best", "lora20-tuned", "lora30-tuned"]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 

@@ -477,3 +477,19 @@ def test_best_is_the_committed_searchs_winner():
     assert (folder / "dev.md").read_text() == dev_table(rows, 10)
     assert BEST_LEVERS == changes(rows[0]["candidate"])
     assert PRESETS["best"] == PRESETS["search"].override(experiment="best", **changes(rows[0]["candidate"]))
+
+
+def test_tuned_lora_is_the_committed_lora_screens_winner():
+    """lora20-tuned is lora20 with the levers of the top row of the committed LoRA dev screen
+    (whose table is what its records rank to); lora30-tuned takes the same levers with alpha = 2r."""
+    from minibert.experiments import LORA_LEVERS, PRESETS
+    from minibert.tune import changes, dev_table, ranking
+
+    folder = ROOT / "results/tune/all-MiniLM-L6-v2-lora20-e3"
+    rows = ranking(folder, "lora20", 3)
+    assert (folder / "dev.md").read_text() == dev_table(rows, 3)
+    assert LORA_LEVERS == changes(rows[0]["candidate"])
+    assert PRESETS["lora20-tuned"] == PRESETS["lora20"].override(experiment="lora20-tuned", **LORA_LEVERS)
+    alpha = 2 * PRESETS["lora30"].lora_r
+    assert PRESETS["lora30-tuned"] == PRESETS["lora30"].override(experiment="lora30-tuned",
+                                                                  **{**LORA_LEVERS, "lora_alpha": alpha})
