@@ -216,6 +216,8 @@ def load_run(run_dir):
                if k not in meta]
     if missing:
         raise ValueError(f"{where}: no {missing[0]!r} field; the file is damaged")
+    if meta.get("pooling", "cls") not in ("cls", "mean"):
+        raise ValueError(f"{where}: pooling {meta['pooling']!r}, expected cls or mean; the file is damaged")
     try:
         if meta["lora"]:
             # Adapters and head only: the frozen weights are the pretrained model's.

@@ -137,6 +137,7 @@ CASES = [
      "model.json: not valid JSON"),
     ("run-weights", [*EVALUATE, "{run}"], {"run/model.safetensors": b"\x00" * 10}, {}, "model.safetensors: cannot read"),
     ("run-seed", [*EVALUATE, "{run}", "--seed", "1"], {}, {}, "--seed applies to --zero-shot only"),
+    ("run-pooling", [*EVALUATE, "{run}", "--pooling", "mean"], {}, {}, "--pooling applies to --zero-shot only"),
     ("zero-shot-split", [*EVALUATE, "--zero-shot", "--split", "dev"], {}, {}, "--split"),
     ("zero-shot-out-file", [*EVALUATE, "--zero-shot", "--out", "{tmp}/model/vocab.txt"], {}, {}, "--out"),
     ("neither", [*EVALUATE], {}, {}, "give either RUN_DIR or --zero-shot"),

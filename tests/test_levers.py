@@ -192,3 +192,6 @@ def test_a_mean_pooled_run_reloads_with_its_pooling(tiny_model, small_massive, t
     (run / "model.json").write_text(json.dumps({**meta, "pooling": "cls"}))
     evaluate.main([str(run), "--data", str(small_massive)])
     assert read_json(run / "eval-test.json")["loss"] != pytest.approx(read_json(run / "results.json")["test"]["loss"])
+    (run / "model.json").write_text(json.dumps({**meta, "pooling": "max"}))
+    with pytest.raises(SystemExit, match="model.json: pooling 'max', expected cls or mean"):
+        evaluate.main([str(run), "--data", str(small_massive)])
