@@ -59,9 +59,11 @@ def parse_args(argv=None):
     predicting = bool(args.predict or args.predict_file)
     if predicting and (args.zero_shot or args.embeddings):
         p.error("--predict and --predict-file need a trained RUN_DIR and nothing else")
-    for name in ("seed", "out", "pooling"):
+    for name in ("seed", "out"):
         if getattr(args, name) is not None and not args.zero_shot:
             p.error(f"--{name} applies to --zero-shot only (a run's seed is fixed, its records go to RUN_DIR)")
+    if args.pooling and not args.zero_shot:
+        p.error("--pooling applies to --zero-shot only (a run reads the pooling it was trained with)")
     if args.weight_changes and (args.zero_shot or predicting or args.embeddings):
         p.error("--weight-changes needs a trained RUN_DIR and nothing else")
     if args.split and (args.zero_shot or predicting or args.embeddings or args.weight_changes):
@@ -127,7 +129,8 @@ def zero_shot(args, argv):
     model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, pooling=config.pooling)
     test = encode(tokenizer, data.test, data.label_ids(data.test, "scenario"), config.max_len)
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
-    run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}-s{config.seed}")
+    pooled = "" if config.pooling == "cls" else f"-{config.pooling}"
+    run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}{pooled}-s{config.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.embeddings:
         analyse_embeddings(model, tokenizer, data, config.max_len, run_dir, f"pretrained {encoder.name}")

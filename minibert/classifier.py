@@ -1,4 +1,5 @@
-"""The paper's scenario model: the [CLS] vector of the encoder, dropout, a small MLP head."""
+"""The paper's scenario model: the [CLS] vector of the encoder (or the mean of its word-pieces),
+dropout, a small MLP head; and the projection model of the contrastive stage."""
 
 import torch
 from torch import nn
@@ -6,15 +7,16 @@ from torch import nn
 
 def pool(hidden, attention_mask, pooling):
     """(B, T, H) hidden states → (B, H) sentence vectors: the [CLS] position, or the mean over the
-    sentence's own positions (padding left out)."""
+    sentence's own positions (padding left out), summed in fp32. An all-padding row (the fast
+    path's filler) gets a zero vector, not 0/0."""
     if pooling == "cls":
         return hidden[:, 0]
     if pooling != "mean":
         raise ValueError(f"pooling must be cls or mean, not {pooling!r}")
     if attention_mask is None:  # an unpadded batch: every position is a word-piece
         return hidden.mean(1)
-    mask = attention_mask[:, :, None].to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1)
+    mask = attention_mask[:, :, None].float()  # (B, T, 1)
+    return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).to(hidden.dtype)
 
 
 class ScenarioClassifier(nn.Module):
@@ -70,7 +72,7 @@ class ScenarioClassifier(nn.Module):
 
 
 class ContrastiveModel(nn.Module):
-    """The encoder with the paper's projection head (Table 3): dropout on [CLS], then
+    """The encoder with the paper's projection head (Table 3): dropout on [CLS] (or the mean), then
     Linear(H, H) → ReLU → Linear(H, H), L2-normalised. Two passes of the same batch with
     dropout active give two views of every sentence (SimCSE, Gao et al. 2021, §3)."""
 

@@ -104,7 +104,8 @@ def run_all(todo, jobs):
     """Run [(folder, argv)] `jobs` at a time → how many failed. Each run gets OMP_NUM_THREADS threads
     where it is set, else an equal share of the cores."""
     threads = threads_per_run(jobs)
-    print(f"{len(todo)} runs to go, {jobs} at a time, {threads} threads each")
+    told = " (OMP_NUM_THREADS)" if os.environ.get("OMP_NUM_THREADS", "").strip() else ""
+    print(f"{len(todo)} runs to go, {jobs} at a time, {threads} threads each{told}")
     with ThreadPoolExecutor(jobs) as pool:
         codes = list(pool.map(lambda job: run_one(*job, threads), todo))
     return sum(code != 0 for code in codes)

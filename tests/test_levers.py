@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import evaluate
 import train
 from minibert import BertConfig, BertModel
-from minibert.classifier import ScenarioClassifier
+from minibert.classifier import ContrastiveModel, ScenarioClassifier
 from minibert.data import load_massive
 from minibert.losses import symmetric_kl
 from minibert.runs import read_json
@@ -175,6 +175,13 @@ def test_mean_pooling_averages_the_sentence_and_ignores_padding():
     assert torch.allclose(alone[0], hidden[0].mean(0), atol=1e-6)
     assert torch.allclose(padded[0], alone[0], atol=1e-5)  # the padding positions are left out
     assert not torch.allclose(padded[0], model.encoder(batch, mask)[0].mean(0), atol=1e-3)  # they would move it
+    empty = model.embed(batch, torch.zeros_like(mask))  # the fast path's filler rows
+    assert torch.isfinite(empty).all()
+    # The contrastive stage's projection reads the same vector as the head.
+    contrastive = ContrastiveModel(model.encoder, drop_rate=0.0, pooling="mean").eval()
+    with torch.no_grad():
+        projected = F.normalize(contrastive.projection(padded), dim=-1)
+        assert torch.allclose(contrastive(batch, mask), projected, atol=1e-6)
     model.pooling = "cls"
     with torch.no_grad():
         assert torch.equal(model.embed(short), hidden[:, 0])
