@@ -19,7 +19,7 @@ from minibert.data import encode, load_massive
 from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
-from minibert.experiments import TrainConfig
+from minibert.experiments import CHOICES, TrainConfig
 from minibert.fetch import DownloadError
 from minibert.runs import FORMAT, device_name, load_run, pick_device, write_csv, write_json
 from minibert.weights import load_pretrained
@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    help="with --zero-shot: which pretrained model (default auto); with RUN_DIR: "
                         "the model the run must have been trained from")
     p.add_argument("--seed", type=int, default=None, help="with --zero-shot: seed of the untrained head (default 0)")
-    p.add_argument("--pooling", choices=["cls", "mean"], default=None,
+    p.add_argument("--pooling", choices=CHOICES["pooling"], default=None,
                    help="with --zero-shot: the sentence vector the head and --embeddings read (default cls, the "
                         "paper's); a run reads what it was trained with")
     p.add_argument("--out", default=None, help="with --zero-shot: run folder for its results.json")
@@ -110,7 +110,8 @@ def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
     print(f"embeddings ({title}): alignment {result['alignment']:.4f} uniformity {result['uniformity']:.4f} "
           f"10-NN accuracy {result['knn_accuracy']:.4f}")
     picture = Path(out_dir) / "embeddings-pca.png"
-    if plot(pca_2d(z["test"]), labels["test"], data.labels, picture, f"{'[CLS]' if model.pooling == 'cls' else 'mean-pooled'} embeddings, test split: {title}"):
+    vectors = "[CLS]" if model.pooling == "cls" else "mean-pooled"
+    if plot(pca_2d(z["test"]), labels["test"], data.labels, picture, f"{vectors} embeddings, test split: {title}"):
         result["picture"] = picture.name
         print(f"wrote {picture}")
     else:

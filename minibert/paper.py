@@ -22,6 +22,7 @@ from .fetch import DownloadError
 from .weights import resolve
 
 ROWS = ["zeroshot", "baseline", "scheduler", "swa", "both", "lora20", "lora30", "supcon", "simclr"]
+BEYOND = ["best", "lora20-tuned", "lora30-tuned"]  # presets beyond the paper, run with --rows
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,8 +84,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1: one run uses every core)")
-    p.add_argument("--rows", nargs="+", choices=[*ROWS, "best", "lora20-tuned", "lora30-tuned"], default=ROWS, help="experiments (default: the "
-                   "paper's nine)")
+    p.add_argument("--rows", nargs="+", choices=[*ROWS, *BEYOND], default=ROWS,
+                   help="experiments (default: the paper's nine)")
     p.add_argument("--flags", default="", help="more train.py flags for every run, e.g. --flags=--bucket")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.seeds < 1 or args.epochs < 1:

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import ScenarioClassifier
+from .experiments import CHOICES
 from .lora import apply_lora
 from .model import BertConfig, BertModel
 from .tokenizer import Tokenizer
@@ -216,8 +217,9 @@ def load_run(run_dir):
                if k not in meta]
     if missing:
         raise ValueError(f"{where}: no {missing[0]!r} field; the file is damaged")
-    if meta.get("pooling", "cls") not in ("cls", "mean"):
-        raise ValueError(f"{where}: pooling {meta['pooling']!r}, expected cls or mean; the file is damaged")
+    if meta.get("pooling", "cls") not in CHOICES["pooling"]:
+        raise ValueError(f"{where}: pooling {meta['pooling']!r}, expected {' or '.join(CHOICES['pooling'])}; "
+                         "the file is damaged")
     try:
         if meta["lora"]:
             # Adapters and head only: the frozen weights are the pretrained model's.
