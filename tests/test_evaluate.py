@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 
 import evaluate
 import train
+from minibert.agreement import agreement
+from minibert.agreement import main as agreement_main
 from minibert.classifier import ScenarioClassifier
 from minibert.data import SCENARIOS, encode, load_massive
 from minibert.embeddings import embed
@@ -160,6 +163,52 @@ def test_bad_sentences_file_or_device_is_one_line(evaluated, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main([str(evaluated), "--predict", "hi", "--predict-file", "-"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_agreement_by_hand():
+    labels = torch.tensor([0, 1, 2, 0])
+    # Three runs on four sentences: the first right by all, the second wrong by all (each its own way),
+    # the third right by one run only, the fourth wrong by one.
+    predicted = torch.tensor([[0, 0, 2, 0],
+                              [0, 2, 1, 1],
+                              [0, 0, 0, 0]])
+    confidence = torch.tensor([0.9, 0.6, 0.6])[:, None, None]  # the first run is the surest
+    probabilities = torch.nn.functional.one_hot(predicted, 3) * confidence + (1 - confidence) / 3
+    result, every = agreement(probabilities, labels)
+    assert result["accuracy_per_run"] == [0.75, 0.25, 0.5]
+    assert result["errors_per_run"] == [1, 3, 2]
+    assert result["sentences_wrong_by_k_runs"] == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert (result["wrong_by_every_run"], result["wrong_by_any_run"]) == (1, 3)
+    assert every.tolist() == [False, True, False, False]
+    # The vote: sentence 2 (0 twice) is wrong; sentence 3 has one vote each for 2, 1 and 0, and the tie
+    # goes to the first run's 2, right; sentence 4 (0 twice) is right.
+    assert result["majority_vote_accuracy"] == 0.75
+    # The mean probability: on sentence 3 the first run's 0.9 outweighs the others' 0.6 each.
+    assert result["mean_probability_ensemble_accuracy"] == 0.75
+
+
+def test_agreement_of_runs_on_disk(evaluated, small_massive, tmp_path, capsys):
+    """A run agrees with a copy of itself on every sentence: the ensemble is the run, and every
+    error is made by both. Fewer than two runs, or a folder that is not a run, is one line."""
+    twin = tmp_path / "twin"
+    shutil.copytree(evaluated, twin)
+    out = tmp_path / "agreement.json"
+    agreement_main([str(evaluated), str(twin), "--data", str(small_massive), "--show", "3", "--out", str(out)])
+    result = read_json(out)
+    single = result["accuracy_per_run"][0]
+    assert result["accuracy_per_run"] == [single, single] and result["n"] == 48
+    assert result["mean_probability_ensemble_accuracy"] == result["majority_vote_accuracy"] == single
+    errors = result["errors_per_run"][0]
+    assert result["wrong_by_every_run"] == result["wrong_by_any_run"] == errors == round((1 - single) * 48)
+    assert result["sentences_wrong_by_k_runs"] == {"0": 48 - errors, "1": 0, "2": errors}
+    assert len(result["ids_wrong_by_every_run"]) == errors
+    assert capsys.readouterr().out.count("gold ") == min(3, errors)
+    with pytest.raises(SystemExit) as e:
+        agreement_main([str(evaluated), "--data", str(small_massive)])
+    assert e.value.code == 2 and "give two or more RUN_DIRs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        agreement_main([str(evaluated), str(tmp_path / "nowhere"), "--data", str(small_massive)])
+    assert "nowhere: no such folder" in e.value.code and "\n" not in e.value.code
 
 
 def test_weight_changes_measure_the_weight_each_layer_computes_with():
