@@ -47,7 +47,7 @@ class TrainConfig:
     stage2: str = "finetune"  # finetune: everything trains; probe: the encoder stays frozen
     # Which weights the run keeps: the last epoch's (the paper's), or the best dev epoch's.
     select: str = "last"
-    # Beyond the paper (README, "A recipe that beats the paper").
+    # Beyond the paper (README, "The `best` recipe, beyond the paper").
     # Each of MASSIVE's 60 intents belongs to one scenario. With "intents" the head predicts
     # intents and a scenario's probability is the sum of its intents'; "both" adds the two losses.
     supervise: str = "labels"
@@ -204,7 +204,7 @@ PRESETS = {
     # Beyond the paper. `search` is where the dev-only search (`make tune`) starts: the paper's
     # 0.9 dropout on [CLS] starves a 10-unit head, so drop 0.1 with a wider head, and the linear
     # schedule with a short warmup; length-bucketed batches for speed. `best` is the search's
-    # winner (README, "A recipe that beats the paper"); a test holds it to the committed dev table.
+    # winner (README, "The `best` recipe, beyond the paper"); a test holds it to the committed dev table.
     "search": _search,
     "best": _search.override(experiment="best", **BEST_LEVERS),
     # Beyond the paper, beside its LoRA rows (never in place of them): LoRA tuned on dev alone.
