@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="the split to classify (default dev)")
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
     p.add_argument("--show", type=int, default=0, metavar="N",
-                   help="print N sentences (a fixed random sample) that every run gets wrong")
+                   help="print N sentences (a fixed random sample) that every run gets wrong, with the gold label "
+                        "and the first run's")
     p.add_argument("--out", default=None, metavar="PATH", help="write the figures to this JSON file")
     args = p.parse_args(argv)
     if len(args.run_dirs) < 2:
