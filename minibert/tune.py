@@ -13,6 +13,7 @@ resumes, as with `make paper`; the records (results.json, metrics.jsonl) are mea
 """
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ LEVERS = {
     "lr-1e-3": {"lr": 1e-3},
     "head-best": {"drop_rate": 0.1, "hidden_dim": 256},  # the paper's presets with `best`'s head
     "pool-mean": {"pooling": "mean"},  # the head reads the mean of the word-pieces, not [CLS]
+    "max-len-64": {"max_len": 64},  # no sentence cut: at 20 word-pieces 1.2 % of train is
+    "batch-32": {"batch_size": 32},
 }
 SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-4",
           "supcon-intents", "swa"]  # each lever alone on `search`: the default candidates
@@ -74,9 +77,10 @@ def argv_of(fields):
     return argv
 
 
-def commands(folder, model, epochs, seed, device, candidates, base="search"):
+def commands(folder, model, epochs, seed, device, candidates, base="search", flags=()):
     """→ [(run folder, argv)] of the candidates not finished yet; a candidate whose settings cannot
-    work at this length (SWA needs 5 epochs or more) is left out, said once."""
+    work at this length (SWA needs 5 epochs or more) is left out, said once. `flags` go to every
+    run: settings of the run, not of the recipe (--precision, --fast)."""
     todo = []
     for candidate in candidates:
         try:
@@ -89,7 +93,7 @@ def commands(folder, model, epochs, seed, device, candidates, base="search"):
         if not (out / "results.json").exists():
             todo.append((out, [sys.executable, "train.py", "--experiment", base, "--model", model, "--epochs",
                                str(epochs), "--seed", str(seed), "--device", device, "--out", str(out), "--resume",
-                               "--no-test", *argv_of(fields)]))
+                               "--no-test", *argv_of(fields), *flags]))
     return todo
 
 
@@ -153,12 +157,14 @@ def main(argv=None):
     p.add_argument("--base", choices=sorted(PRESETS), default="search", help="the preset the levers change")
     p.add_argument("--candidates", nargs="+", default=SCREEN,
                    help=f"levers, or levers joined by + (default: {' '.join(SCREEN)})")
+    p.add_argument("--flags", default="", help="more train.py flags for every run, e.g. --flags='--precision fp32'")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.epochs < 1:
         p.error("--jobs and --epochs must be at least 1")
     try:
         model, _ = resolve(args.model)  # decided once, so that every candidate trains the same model
-        todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates, args.base)
+        todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates, args.base,
+                        shlex.split(args.flags))
         failed = run_all(todo, args.jobs)
         rows = ranking(args.folder, args.base, args.epochs)
     except (ValueError, DownloadError) as e:

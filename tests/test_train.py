@@ -394,12 +394,14 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
     from minibert.experiments import PRESETS
     from minibert.tune import commands, dev_table, ranking
 
-    plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["base", "supervise-both+rdrop-4", "swa"])
+    plan = commands(tmp_path, "all-MiniLM-L6-v2", 3, 0, "cpu", ["base", "supervise-both+rdrop-4", "swa"],
+                    flags=["--precision", "fp32"])
     assert "swa is left out: --swa with --epochs 3" in capsys.readouterr().out
     assert [out.name for out, _ in plan] == ["base-s0", "supervise-both+rdrop-4-s0"]
     for out, argv in plan:
         parsed = train.parse_args(argv[2:])
         assert parsed.no_test and parsed.select == "dev-best" and parsed.experiment == "search"
+        assert parsed.precision == "fp32"  # a run setting passed through, not a lever
     config = PRESETS["search"].override(**{k: getattr(train.parse_args(plan[1][1][2:]), k) for k in train.FLAG_HELP})
     assert config == PRESETS["search"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=4.0,
                                               select="dev-best")
