@@ -76,6 +76,12 @@ def summarise(runs):
             "epochs": results[0]["hyperparameters"]["epochs"],
             "model": results[0]["model"],
             "device": results[0]["device"],
+            # A row whose seeds ran on different machines: their clocks are not one figure.
+            "by_device": {device: {"wall_seconds": statistics.fmean(r["wall_seconds"] for r in ran),
+                                   "samples_per_second": statistics.fmean(r["samples_per_second"] for r in ran)
+                                   if all(r.get("samples_per_second") for r in ran) else None}
+                          for device in sorted({r["device"] for r in results})
+                          for ran in [[r for r in results if r["device"] == device]]},
             "commands": [r["command"] for r in results],
         }
         n = results[0]["test"]["n"]
@@ -90,7 +96,7 @@ def summarise(runs):
 
 def markdown(rows, figures):
     models = sorted({r["model"] for r in rows.values()})
-    devices = sorted({r["device"] for r in rows.values()})
+    devices = sorted({device for r in rows.values() for device in r["by_device"]})
     epochs = sorted({r["epochs"] for r in rows.values() if r["epochs"]})
     lines = [
         f"Model: {', '.join(models)}. Device: {', '.join(devices)}. Classifier epochs: "
@@ -111,11 +117,16 @@ def markdown(rows, figures):
         params = (f"{r['trainable_params']:,} / {r['all_params']:,}" if r["trainable_params"] else "–")
         pct = f"{r['trainable_pct']:.4f}" if r["trainable_pct"] is not None else "–"
         rate = f"{r['samples_per_second']:.0f}" if r["samples_per_second"] else "–"
+        wall = f"{r['wall_seconds']:.0f}"
+        if len(r["by_device"]) > 1:  # each machine's own figures, named by its kind
+            wall, rate = (", ".join(f"{figures[key]:.0f} {device.split()[0]}" if figures[key] else "–"
+                                    for device, figures in r["by_device"].items())
+                          for key in ("wall_seconds", "samples_per_second"))
         lines.append(
             f"| {name} | {acc[0]:.4f} ± {acc[1]:.4f} | ± {r['binomial_95']:.4f} "
             f"| {' '.join(f'{a:.4f}' for a in r['accuracy_per_seed'])} "
             f"| {paper_acc} | {delta} | {summed} | {paper_loss} | {r['loss_mean'][0]:.4f} "
-            f"| {params} | {pct} | {r['wall_seconds']:.0f} | {rate} |")
+            f"| {params} | {pct} | {wall} | {rate} |")
     lines += ["", "¹ The sum of the test batches' mean loss (batches of 16), as the paper reports it: cross-entropy; "
               "for SupCon and SimCLR, like the paper, the stage-1 contrastive loss of the encoder with its "
               "projection head on two dropout views (marked contr.)."]

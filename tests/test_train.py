@@ -334,6 +334,25 @@ def test_report_from_run_folders(finished_run, small_massive, tmp_path, monkeypa
     assert "| baseline |" in (paper / "report.md").read_text()
 
 
+def test_report_keeps_each_machines_clock_apart():
+    """A row whose seeds ran on two machines reports each one's wall time and rate, not their mean."""
+    from minibert import report
+
+    def record(seed, device, wall, rate):
+        return {"seed": seed, "device": device, "wall_seconds": wall, "samples_per_second": rate,
+                "test": {"accuracy": 0.9, "n": 2974, "loss": 0.4, "loss_paper_sum": 74.0},
+                "hyperparameters": {"loss": "ce", "epochs": 10}, "trainable_params": 10, "all_params": 20,
+                "trainable_pct": 50.0, "model": "m", "command": f"python train.py --seed {seed}"}
+
+    mixed = {"baseline": [record(0, "cpu (x86_64, 1 threads)", 1600, 75), record(1, "cpu (x86_64, 1 threads)", 1610, 73),
+                          record(2, "cuda (NVIDIA H200)", 285, 413)],
+             "scheduler": [record(0, "cuda (NVIDIA H200)", 290, 400), record(1, "cuda (NVIDIA H200)", 300, 390)]}
+    table = report.markdown(report.summarise(mixed), {})
+    assert "| 1605 cpu, 285 cuda | 74 cpu, 413 cuda |" in table
+    assert "| 295 | 395 |" in table  # one machine: one figure
+    assert "Device: cpu (x86_64, 1 threads), cuda (NVIDIA H200)." in table
+
+
 def test_runs_side_by_side_share_the_cores_unless_told(monkeypatch):
     from minibert.paper import threads_per_run
 
