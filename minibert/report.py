@@ -55,6 +55,18 @@ def paper_loss(result):
     return (result.get("contrastive") or {}).get("test_contrastive_loss_paper_sum")
 
 
+def clocks_by_device(results):
+    """{device: its runs' mean wall seconds and samples/s}: seeds that ran on different machines
+    have no one clock figure between them."""
+    clocks = {}
+    for device in sorted({r["device"] for r in results}):
+        ran = [r for r in results if r["device"] == device]
+        rates = [r.get("samples_per_second") for r in ran]
+        clocks[device] = {"wall_seconds": statistics.fmean(r["wall_seconds"] for r in ran),
+                          "samples_per_second": statistics.fmean(rates) if all(rates) else None}
+    return clocks
+
+
 def summarise(runs):
     rows = {}
     for name, results in runs.items():
@@ -76,12 +88,7 @@ def summarise(runs):
             "epochs": results[0]["hyperparameters"]["epochs"],
             "model": results[0]["model"],
             "device": results[0]["device"],
-            # A row whose seeds ran on different machines: their clocks are not one figure.
-            "by_device": {device: {"wall_seconds": statistics.fmean(r["wall_seconds"] for r in ran),
-                                   "samples_per_second": statistics.fmean(r["samples_per_second"] for r in ran)
-                                   if all(r.get("samples_per_second") for r in ran) else None}
-                          for device in sorted({r["device"] for r in results})
-                          for ran in [[r for r in results if r["device"] == device]]},
+            "by_device": clocks_by_device(results),
             "commands": [r["command"] for r in results],
         }
         n = results[0]["test"]["n"]

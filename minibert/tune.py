@@ -43,7 +43,7 @@ LEVERS = {
     "lr-1e-3": {"lr": 1e-3},
     "head-best": {"drop_rate": 0.1, "hidden_dim": 256},  # the paper's presets with `best`'s head
     "pool-mean": {"pooling": "mean"},  # the head reads the mean of the word-pieces, not [CLS]
-    "max-len-64": {"max_len": 64},  # no sentence cut: at 20 word-pieces 1.2 % of train is
+    "max-len-64": {"max_len": 64},  # no sentence cut: --max-len 20 cuts 1.2 % of the train sentences
     "batch-32": {"batch_size": 32},
 }
 SCREEN = ["base", "supervise-intents", "supervise-both", "layer-decay-0.8", "lr-2e-4", "lr-5e-5", "rdrop-4",

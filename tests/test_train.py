@@ -344,9 +344,9 @@ def test_report_keeps_each_machines_clock_apart():
                 "hyperparameters": {"loss": "ce", "epochs": 10}, "trainable_params": 10, "all_params": 20,
                 "trainable_pct": 50.0, "model": "m", "command": f"python train.py --seed {seed}"}
 
-    mixed = {"baseline": [record(0, "cpu (x86_64, 1 threads)", 1600, 75), record(1, "cpu (x86_64, 1 threads)", 1610, 73),
-                          record(2, "cuda (NVIDIA H200)", 285, 413)],
-             "scheduler": [record(0, "cuda (NVIDIA H200)", 290, 400), record(1, "cuda (NVIDIA H200)", 300, 390)]}
+    cpu, gpu = "cpu (x86_64, 1 threads)", "cuda (NVIDIA H200)"
+    mixed = {"baseline": [record(0, cpu, 1600, 75), record(1, cpu, 1610, 73), record(2, gpu, 285, 413)],
+             "scheduler": [record(0, gpu, 290, 400), record(1, gpu, 300, 390)]}
     table = report.markdown(report.summarise(mixed), {})
     assert "| 1605 cpu, 285 cuda | 74 cpu, 413 cuda |" in table
     assert "| 295 | 395 |" in table  # one machine: one figure
