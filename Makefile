@@ -66,16 +66,20 @@ SEEDS_RUN = $(PY) -m minibert.paper --model $(MODEL) --epochs $(EPOCHS) --seeds 
 paper: install data
 	$(SEEDS_RUN) $(PAPER_DIR)
 
-# `best` for SEEDS seeds, and the bucketing question: baseline and best with batching flipped
-# (baseline bucketed, best not), against the paper's baseline and best-seeds' unflipped runs.
+# `best` for SEEDS seeds.
 best-seeds: install data
 	$(SEEDS_RUN) results/best/$(MODEL)-e$(EPOCHS) --rows best
 # LoRA tuned on dev (lora20-tuned, lora30-tuned) for SEEDS seeds, beside the paper's LoRA rows.
 lora-seeds: install data
 	$(SEEDS_RUN) results/lora-tuned/$(MODEL)-e$(EPOCHS) --rows lora20-tuned lora30-tuned
+# The bucketing question: baseline and best with batching flipped (baseline bucketed, best not),
+# then both arms of each, dev and test, against the paper's baseline and best-seeds' runs.
+BUCKETING = results/bucketing/$(MODEL)-e$(EPOCHS)
 bucketing: install data
-	$(SEEDS_RUN) results/bucketing/$(MODEL)-e$(EPOCHS)-bucketed --rows baseline --flags=--bucket
-	$(SEEDS_RUN) results/bucketing/$(MODEL)-e$(EPOCHS)-unbucketed --rows best --flags=--no-bucket
+	$(SEEDS_RUN) $(BUCKETING)-bucketed --rows baseline --flags=--bucket
+	$(SEEDS_RUN) $(BUCKETING)-unbucketed --rows best --flags=--no-bucket
+	$(PY) -m minibert.report $(PAPER_DIR) results/best/$(MODEL)-e$(EPOCHS) $(BUCKETING)-bucketed \
+		$(BUCKETING)-unbucketed --by bucket --out $(BUCKETING).md
 
 # Does bf16 autocast move accuracy? baseline and best, SEEDS seeds, 2 epochs, in fp32 and bf16
 # (worth running where the CPU or GPU runs bf16 natively; elsewhere bf16 is emulated and slow).

@@ -353,6 +353,45 @@ def test_report_keeps_each_machines_clock_apart():
     assert "Device: cpu (x86_64, 1 threads), cuda (NVIDIA H200)." in table
 
 
+def test_report_compares_two_arms_of_one_recipe(tmp_path, capsys):
+    """--by bucket: each arm's dev and test mean ± std over seeds, the difference of the means with
+    its standard error, and a refusal where the arms differ in more than the setting."""
+    from minibert import report
+
+    def record(folder, seed, bucket, dev, test, lr=1e-4):
+        run = tmp_path / folder / f"baseline-s{seed}"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({
+            "experiment": "baseline", "seed": seed, "precision": "fp32",
+            "hyperparameters": {"bucket": bucket, "seed": seed, "lr": lr, "epochs": 10},
+            "dev": {"accuracy": dev, "n": 2033}, "test": {"accuracy": test, "n": 2974}}))
+
+    for seed, (dev, test) in enumerate([(0.90, 0.89), (0.91, 0.90), (0.92, 0.91)]):
+        record("plain", seed, False, dev, test)
+    for seed, (dev, test) in enumerate([(0.91, 0.91), (0.93, 0.92)]):
+        record("bucketed", seed, True, dev, test)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- by-bucket:start -->\nold\n<!-- by-bucket:end -->\nend\n")
+    out = tmp_path / "cmp" / "bucketing.md"
+    report.main([str(tmp_path / "plain"), str(tmp_path / "bucketed"), "--by", "bucket", "--out", str(out),
+                 "--readme", str(readme)])
+    table = out.read_text()
+    assert "| baseline | False | 0 1 2 | 0.9100 ± 0.0100 | 0.9000 ± 0.0100 | 0.8900 0.9000 0.9100 |" in table
+    assert "| baseline | True | 0 1 | 0.9200 ± 0.0141 | 0.9150 ± 0.0071 | 0.9100 0.9200 |" in table
+    # True − False: dev 0.92 − 0.91 ± √(0.0141²/2 + 0.01²/3); test 0.915 − 0.90 ± √(0.0071²/2 + 0.01²/3)
+    assert "bucket True − False: dev +1.00 ± 1.15 pt, test +1.50 ± 0.76 pt" in table
+    summary = read_json(out.with_suffix(".json"))["baseline"]
+    assert summary["True"]["seeds"] == [0, 1] and summary["False"]["test"][0] == pytest.approx(0.90)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "\nold\n" not in text
+    assert "--by bucket --out" in text and "| baseline | True |" in text
+    record("other-lr", 2, True, 0.95, 0.95, lr=5e-5)
+    with pytest.raises(SystemExit, match="differ in lr, not only in bucket"):
+        report.main([str(tmp_path / "plain"), str(tmp_path / "other-lr"), "--by", "bucket", "--out", str(out)])
+    with pytest.raises(SystemExit, match="no experiment ran with more than one value of bucket"):
+        report.main([str(tmp_path / "plain"), "--by", "bucket", "--out", str(out)])
+
+
 def test_runs_side_by_side_share_the_cores_unless_told(monkeypatch):
     from minibert.paper import threads_per_run
 
