@@ -1,7 +1,8 @@
 """Choose the `best` preset on the dev split alone.
 
     python -m minibert.tune results/tune/all-MiniLM-L6-v2-search-e3 --model all-MiniLM-L6-v2 --epochs 3 --jobs 2
-    python -m minibert.tune results/tune/all-MiniLM-L6-v2-search-e10 --epochs 10 --candidates base swa supervise-both+swa
+    python -m minibert.tune results/tune/all-MiniLM-L6-v2-search-e10 --epochs 10 \
+        --candidates base swa supervise-both+swa
     python -m minibert.tune results/tune/lora20-e3 --base lora20 --candidates base lora-alpha-40 lr-1e-3
 
 A candidate is the `search` preset (or --base PRESET) with levers pulled: one lever (the screen),

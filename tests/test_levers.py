@@ -81,8 +81,8 @@ def test_symmetric_kl_is_r_drop_term():
 
 def built(model, data, out, *flags):
     """train.py's run, set up and in training mode, as train_epoch() holds it."""
-    run = train.setup(train.parse_args(["--model", str(model), "--data", str(data), "--out", str(out), "--max-len", "16",
-                                        *flags]))
+    run = train.setup(train.parse_args(["--model", str(model), "--data", str(data), "--out", str(out),
+                                        "--max-len", "16", *flags]))
     run.trained.train()
     return run
 

@@ -121,7 +121,8 @@ def test_presets_record_what_they_did(small_massive, minilm_dir, tmp_path):
 
 def test_evaluate_reproduces_the_recorded_accuracy(finished_run, small_massive, capsys):
     evaluate.main([str(finished_run), "--split", "test", "--data", str(small_massive)])
-    assert read_json(finished_run / "eval-test.json")["accuracy"] == read_json(finished_run / "results.json")["test"]["accuracy"]
+    recorded = read_json(finished_run / "results.json")["test"]["accuracy"]
+    assert read_json(finished_run / "eval-test.json")["accuracy"] == recorded
     assert "most_confused" in read_json(finished_run / "eval-test.json")
     evaluate.main([str(finished_run), "--predict", "wake me up at seven"])
     label, probability = capsys.readouterr().out.strip().splitlines()[-1].split()
