@@ -249,9 +249,17 @@ def arms(folders, setting):
 
 def difference(a, b):
     """Mean of a minus mean of b, and its standard error √(s_a²/n_a + s_b²/n_b) (independent
-    runs: a seed's two arms see different batches, so they are not pairs)."""
+    runs: a seed's two arms see different batches, so they are not pairs); None for the error
+    where an arm has one run and so no spread."""
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    return ma - mb, (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5
+    se = (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5 if min(len(a), len(b)) > 1 else None
+    return ma - mb, se
+
+
+def spread(values):
+    """'mean ± std', or the value alone where one run gives no spread."""
+    mean, std = mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f} (one seed)"
 
 
 def compare_markdown(compared, setting):
@@ -263,13 +271,14 @@ def compare_markdown(compared, setting):
             dev, test = ([r[split]["accuracy"] for r in results] for split in ("dev", "test"))
             folders = sorted({str(Path(r["run_dir"]).parent.as_posix()) for r in results})
             lines.append(f"| {name} | {value} | {' '.join(str(r['seed']) for r in results)} "
-                         f"| {'%.4f ± %.4f' % mean_std(dev)} | {'%.4f ± %.4f' % mean_std(test)} "
+                         f"| {spread(dev)} | {spread(test)} "
                          f"| {' '.join(f'{a:.4f}' for a in test)} | {', '.join(f'`{f}`' for f in folders)} |")
         (on, a), (off, b) = list(by_value.items())[-1], list(by_value.items())[0]
         split_deltas = [difference(*([r[split]["accuracy"] for r in arm] for arm in (a, b)))
                         for split in ("dev", "test")]
-        deltas.append(f"- {name}, {setting} {on} − {off}: dev "
-                      + ", test ".join(f"{100 * d:+.2f} ± {100 * se:.2f} pt" for d, se in split_deltas))
+        deltas.append(f"- {name}, {setting} {on} − {off}: dev " + ", test ".join(
+            f"{100 * d:+.2f} ± {100 * se:.2f} pt" if se is not None else f"{100 * d:+.2f} pt (an arm of one seed)"
+            for d, se in split_deltas))
     runs = [r for by_value in compared.values() for results in by_value.values() for r in results]
     p, n = statistics.fmean(r["test"]["accuracy"] for r in runs), runs[0]["test"]["n"]
     se, _ = accuracy_interval(p, n)
