@@ -34,7 +34,7 @@ from minibert.classifier import ContrastiveModel, ScenarioClassifier
 from minibert.cli import Parser
 from minibert.data import batch_order, encode, load_massive, to_device
 from minibert.evaluation import contrastive_metrics, evaluate
-from minibert.experiments import CHOICES, FIELDS, PRESETS, TrainConfig
+from minibert.experiments import CHOICES, FIELDS, PRESETS, TrainConfig, as_recorded
 from minibert.fast import EpochBatches, Replay
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
@@ -681,8 +681,7 @@ def check_run_dir(run_dir, resume):
 
 
 def check_same_config(saved, current, run_dir):
-    # A field newer than the checkpoint had its default's behaviour then.
-    saved = {k: saved.get(k, FIELDS[k].default) for k in current}
+    saved = as_recorded(saved)
     differ = [k for k in current if saved[k] != current[k]]
     if differ:
         details = ", ".join(f"{k}: {saved[k]!r} → {current[k]!r}" for k in differ)

@@ -213,3 +213,9 @@ PRESETS = {
 }
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def as_recorded(hyperparameters):
+    """A record's hyperparameters, with each setting newer than the record at its default: the
+    behaviour the run had then."""
+    return {name: hyperparameters.get(name, f.default) for name, f in FIELDS.items()}

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .evaluation import accuracy_interval
+from .experiments import FIELDS, as_recorded
 
 # The paper's Tables 4-7: (summed test loss, test accuracy), bert-base-uncased, single runs.
 PAPER = {
@@ -36,7 +37,7 @@ PAPER = {
 }
 ORDER = list(PAPER) + ["best", "lora20-tuned", "lora30-tuned"]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-ONE_RUN = ("seed", "run_dir")  # what may differ between the seeds of one arm
+ONE_RUN = ("seed",)  # what may differ between the runs of one arm
 
 
 def mean_std(values):
@@ -214,36 +215,46 @@ def update_readme(readme, folder, table, command=None, markers=(README_START, RE
 
 
 def arms(folders, setting):
-    """{experiment: {value of `setting`: [results by seed]}} over every folder's runs, for the
-    experiments that ran with more than one value. Exits where two runs differ in anything but
-    the setting and the seed (another hyperparameter, the precision): their difference would not
-    be the setting's. A hyperparameter a record lacks is an option younger than the run, which ran
-    without it."""
-    grouped = {}
+    """{experiment: {value of `setting`: [results by seed]}} over every folder's runs, values in
+    order, for the experiments that ran with more than one value. Exits where two runs differ in
+    anything but the setting and the seed (another hyperparameter, the precision, the fast path,
+    which pads every batch to full length): their difference would not be the setting's."""
+    if setting not in FIELDS:
+        sys.exit(f"--by {setting}: not a hyperparameter; one of {', '.join(FIELDS)}")
+    grouped, seen = {}, set()
     for folder in folders:
-        for name, results in collect(folder).items():
-            for r in results:
-                if setting not in r["hyperparameters"]:
-                    sys.exit(f"{r['run_dir']}/results.json: no hyperparameter {setting!r} to compare by")
-                grouped.setdefault(name, {}).setdefault(r["hyperparameters"][setting], []).append(r)
+        runs = collect(folder)
+        if not runs:
+            sys.exit(f"{folder}: no */results.json here")
+        for r in (r for results in runs.values() for r in results):
+            if Path(r["run_dir"]).resolve() in seen:  # a folder named twice
+                continue
+            seen.add(Path(r["run_dir"]).resolve())
+            r["recipe"] = {**as_recorded(r.get("hyperparameters") or {}), "precision": r.get("precision"),
+                           "fast": r.get("fast")}
+            grouped.setdefault(r["experiment"], {}).setdefault(r["recipe"][setting], []).append(r)
     compared = {}
     for name, by_value in grouped.items():
         if len(by_value) < 2:
             continue
-        values = {}  # hyperparameter -> {value: a run folder with it}
-        for results in by_value.values():
-            for r in results:
-                recipe = {**r["hyperparameters"], "precision": r["precision"]}
-                for key, value in recipe.items():
-                    if key not in (setting, *ONE_RUN):
-                        values.setdefault(key, {}).setdefault(json.dumps(value), r["run_dir"])
-        differ = {key: list(seen.values())[:2] for key, seen in sorted(values.items()) if len(seen) > 1}
-        if differ:
-            a, b = next(iter(differ.values()))
-            sys.exit(f"{a} and {b} differ in {', '.join(differ)}, not only in {setting}: "
-                     "compare runs of one recipe")
-        compared[name] = {value: sorted(results, key=lambda r: r["seed"])
-                          for value, results in sorted(by_value.items(), key=lambda item: str(item[0]))}
+        runs = [r for results in by_value.values() for r in results]
+        for r in runs:
+            missing = [key for key in ("hyperparameters", "dev", "test", "precision") if not r.get(key)]
+            if missing:
+                sys.exit(f"{r['run_dir']}/results.json: no {', '.join(missing)}; not a finished run's record")
+        for key in runs[0]["recipe"].keys() - {setting, *ONE_RUN}:
+            other = next((r for r in runs if r["recipe"][key] != runs[0]["recipe"][key]), None)
+            if other:
+                sys.exit(f"{runs[0]['run_dir']} and {other['run_dir']} differ in {key} "
+                         f"({runs[0]['recipe'][key]!r}, {other['recipe'][key]!r}), not only in {setting}: "
+                         "compare runs of one recipe")
+        for value, results in by_value.items():
+            seeds = [r["seed"] for r in results]
+            twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+            if twice:
+                sys.exit(f"{name} with {setting} {value}: seed {twice[0]} twice "
+                         f"({', '.join(r['run_dir'] for r in results if r['seed'] == twice[0])}); give each run once")
+        compared[name] = {value: sorted(by_value[value], key=lambda r: r["seed"]) for value in sorted(by_value)}
     return compared
 
 
@@ -262,6 +273,15 @@ def spread(values):
     return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f} (one seed)"
 
 
+def arm_summary(results):
+    """One arm's accuracies as [mean, std] (std None for one seed), its seeds and run folders."""
+    summary = {}
+    for split in ("dev", "test"):
+        values = [r[split]["accuracy"] for r in results]
+        summary[split] = [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None]
+    return summary | {"seeds": [r["seed"] for r in results], "run_dirs": [r["run_dir"] for r in results]}
+
+
 def compare_markdown(compared, setting):
     lines = [f"| experiment | {setting} | seeds | dev accuracy (mean ± std) | test accuracy (mean ± std) "
              f"| test per seed | run folders |", "|---|---|---|---|---|---|---|"]
@@ -273,12 +293,13 @@ def compare_markdown(compared, setting):
             lines.append(f"| {name} | {value} | {' '.join(str(r['seed']) for r in results)} "
                          f"| {spread(dev)} | {spread(test)} "
                          f"| {' '.join(f'{a:.4f}' for a in test)} | {', '.join(f'`{f}`' for f in folders)} |")
-        (on, a), (off, b) = list(by_value.items())[-1], list(by_value.items())[0]
-        split_deltas = [difference(*([r[split]["accuracy"] for r in arm] for arm in (a, b)))
-                        for split in ("dev", "test")]
-        deltas.append(f"- {name}, {setting} {on} − {off}: dev " + ", test ".join(
-            f"{100 * d:+.2f} ± {100 * se:.2f} pt" if se is not None else f"{100 * d:+.2f} pt (an arm of one seed)"
-            for d, se in split_deltas))
+        (first, b), *others = by_value.items()
+        for value, a in others:
+            split_deltas = [difference(*([r[split]["accuracy"] for r in arm] for arm in (a, b)))
+                            for split in ("dev", "test")]
+            deltas.append(f"- {name}, {setting} {value} − {first}: dev " + ", test ".join(
+                f"{100 * d:+.2f} ± {100 * se:.2f} pt" if se is not None else f"{100 * d:+.2f} pt (an arm of one seed)"
+                for d, se in split_deltas))
     runs = [r for by_value in compared.values() for results in by_value.values() for r in results]
     p, n = statistics.fmean(r["test"]["accuracy"] for r in runs), runs[0]["test"]["n"]
     se, _ = accuracy_interval(p, n)
@@ -325,10 +346,8 @@ def main_by(args):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# minibert: runs compared by {args.by}\n\n" + table)
-    record = {name: {str(value): {split: mean_std([r[split]["accuracy"] for r in results])
-                                  for split in ("dev", "test")} | {"seeds": [r["seed"] for r in results],
-                                                                   "run_dirs": [r["run_dir"] for r in results]}
-                     for value, results in by_value.items()} for name, by_value in compared.items()}
+    record = {name: {str(value): arm_summary(results) for value, results in by_value.items()}
+              for name, by_value in compared.items()}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(table)
     print(f"wrote {out} and {out.with_suffix('.json')}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cli import Parser
 from .evaluation import accuracy_interval
-from .experiments import FIELDS, PRESETS, flag
+from .experiments import PRESETS, as_recorded, flag
 from .fetch import DownloadError
 from .paper import run_all
 from .weights import resolve
@@ -108,11 +108,9 @@ def ranking(folder, base, epochs):
             raise ValueError(f"{path}: evaluated on the test split; a search must not see it")
         candidate = path.parent.name.rsplit("-s", 1)[0]
         expected = config_of(candidate, base, epochs)[0].to_dict()
-        trained = results["hyperparameters"]
+        trained = as_recorded(results["hyperparameters"])
         # The experiment is a name, not a setting: the committed search ran `search`'s settings
         # when that preset was still called best.
-        # A setting newer than the record had its default's behaviour then.
-        trained = {k: trained.get(k, FIELDS[k].default) for k in expected}
         differ = [k for k in expected if k not in ("experiment", "model", "seed") and trained[k] != expected[k]]
         if differ:
             k = differ[0]

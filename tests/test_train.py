@@ -355,28 +355,20 @@ def test_report_keeps_each_machines_clock_apart():
     assert "Device: cpu (x86_64, 1 threads), cuda (NVIDIA H200)." in table
 
 
-def test_report_compares_two_arms_of_one_recipe(tmp_path, capsys):
+def test_report_compares_two_arms_of_one_recipe(tmp_path):
     """--by bucket: each arm's dev and test mean ± std over seeds, the difference of the means with
-    its standard error, and a refusal where the arms differ in more than the setting."""
+    its standard error; a run counted once however its folder is named."""
     from minibert import report
 
-    def record(folder, seed, bucket, dev, test, lr=1e-4):
-        run = tmp_path / folder / f"baseline-s{seed}"
-        run.mkdir(parents=True)
-        (run / "results.json").write_text(json.dumps({
-            "experiment": "baseline", "seed": seed, "precision": "fp32",
-            "hyperparameters": {"bucket": bucket, "seed": seed, "lr": lr, "epochs": 10},
-            "dev": {"accuracy": dev, "n": 2033}, "test": {"accuracy": test, "n": 2974}}))
-
     for seed, (dev, test) in enumerate([(0.90, 0.89), (0.91, 0.90), (0.92, 0.91)]):
-        record("plain", seed, False, dev, test)
+        arm_record(tmp_path / "plain", seed, dev, test, bucket=False)
     for seed, (dev, test) in enumerate([(0.91, 0.91), (0.93, 0.92)]):
-        record("bucketed", seed, True, dev, test)
+        arm_record(tmp_path / "bucketed", seed, dev, test, bucket=True)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- by-bucket:start -->\nold\n<!-- by-bucket:end -->\nend\n")
     out = tmp_path / "cmp" / "bucketing.md"
-    report.main([str(tmp_path / "plain"), str(tmp_path / "bucketed"), "--by", "bucket", "--out", str(out),
-                 "--readme", str(readme)])
+    folders = [str(tmp_path / "plain"), str(tmp_path / "bucketed"), str(tmp_path / "plain")]
+    report.main([*folders, "--by", "bucket", "--out", str(out), "--readme", str(readme)])
     table = out.read_text()
     assert "| baseline | False | 0 1 2 | 0.9100 ± 0.0100 | 0.9000 ± 0.0100 | 0.8900 0.9000 0.9100 |" in table
     assert "| baseline | True | 0 1 | 0.9200 ± 0.0141 | 0.9150 ± 0.0071 | 0.9100 0.9200 |" in table
@@ -387,16 +379,66 @@ def test_report_compares_two_arms_of_one_recipe(tmp_path, capsys):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("end\n") and "\nold\n" not in text
     assert "--by bucket --out" in text and "| baseline | True |" in text
-    record("single", 0, True, 0.91, 0.91)
+
+    arm_record(tmp_path / "single", 0, 0.91, 0.91, bucket=True)
     report.main([str(tmp_path / "plain"), str(tmp_path / "single"), "--by", "bucket", "--out", str(out)])
     table = out.read_text()
     assert "| baseline | True | 0 | 0.9100 (one seed) | 0.9100 (one seed) | 0.9100 |" in table
     assert "bucket True − False: dev +0.00 pt (an arm of one seed), test +1.00 pt (an arm of one seed)" in table
-    record("other-lr", 2, True, 0.95, 0.95, lr=5e-5)
-    with pytest.raises(SystemExit, match="differ in lr, not only in bucket"):
-        report.main([str(tmp_path / "plain"), str(tmp_path / "other-lr"), "--by", "bucket", "--out", str(out)])
+    assert read_json(out.with_suffix(".json"))["baseline"]["True"]["test"] == [0.91, None]
+
+    # Values in their own order, not as strings: 8 before 16, each later one against the first.
+    for size, test in ((8, 0.90), (16, 0.92)):
+        arm_record(tmp_path / f"batch-{size}", 0, 0.9, test, batch_size=size)
+    report.main([str(tmp_path / "batch-16"), str(tmp_path / "batch-8"), "--by", "batch_size", "--out", str(out)])
+    assert "batch_size 16 − 8: dev +0.00 pt (an arm of one seed), test +2.00 pt" in out.read_text()
+
+
+@pytest.mark.parametrize("case, other, match", [
+    ("another hyperparameter", {"lr": 5e-5}, r"differ in lr \(0.0001, 5e-05\), not only in bucket"),
+    ("another precision", {"precision": "bf16"}, r"differ in precision \('fp32', 'bf16'\)"),
+    ("the fast path", {"fast": "cuda graph"}, r"differ in fast \(None, 'cuda graph'\)"),
+    ("a seed twice", {"bucket": False}, r"baseline with bucket False: seed 1 twice"),
+    ("no dev figure", {"dev": None}, r"other/baseline-s1/results.json: no dev; not a finished run's record"),
+])
+def test_report_refuses_arms_that_differ_in_more(tmp_path, case, other, match):
+    """Two arms that differ in more than the setting, or an arm that holds a run twice, are no
+    measure of the setting: one line names the runs and what differs."""
+    from minibert import report
+
+    for seed in (0, 1):
+        arm_record(tmp_path / "plain", seed, bucket=False)
+    arm_record(tmp_path / "bucketed", 0, bucket=True)
+    arm_record(tmp_path / "other", 1, **{"bucket": True, **other})
+    with pytest.raises(SystemExit, match=match):
+        report.main([str(tmp_path / name) for name in ("plain", "bucketed", "other")]
+                    + ["--by", "bucket", "--out", str(tmp_path / "o.md")])
+
+
+def test_report_by_a_setting_needs_runs_of_it(tmp_path):
+    from minibert import report
+
+    arm_record(tmp_path / "plain", 0, bucket=False)
+    arm_record(tmp_path / "old", 1)  # a record older than `bucket`: it ran without it
+    by = ["--by", "bucket", "--out", str(tmp_path / "o.md")]
     with pytest.raises(SystemExit, match="no experiment ran with more than one value of bucket"):
-        report.main([str(tmp_path / "plain"), "--by", "bucket", "--out", str(out)])
+        report.main([str(tmp_path / "plain"), str(tmp_path / "old"), *by])
+    with pytest.raises(SystemExit, match="typo: no \\*/results.json here"):
+        report.main([str(tmp_path / "plain"), str(tmp_path / "typo"), *by])
+    with pytest.raises(SystemExit, match="--by buckets: not a hyperparameter"):
+        report.main([str(tmp_path / "plain"), "--by", "buckets", "--out", str(tmp_path / "o.md")])
+    with pytest.raises(SystemExit, match="--by needs --out"):
+        report.main([str(tmp_path / "plain"), "--by", "bucket"])
+
+
+def arm_record(folder, seed, dev=0.9, test=0.9, precision="fp32", fast=None, **hyperparameters):
+    """A finished baseline run's results.json, as much of it as a comparison reads."""
+    run = folder / f"baseline-s{seed}"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({
+        "experiment": "baseline", "seed": seed, "precision": precision, "fast": fast,
+        "hyperparameters": {"experiment": "baseline", "seed": seed, "epochs": 10, **hyperparameters},
+        "dev": dev and {"accuracy": dev, "n": 2033}, "test": {"accuracy": test, "n": 2974}}))
 
 
 def test_runs_side_by_side_share_the_cores_unless_told(monkeypatch):
