@@ -581,7 +581,7 @@ def test_readme_results_are_the_committed_records(tmp_path, monkeypatch):
 
 
 def test_readme_bucketing_block_is_the_committed_records(tmp_path, monkeypatch):
-    """The README's bucketing table is its own generating command, re-run on the committed records."""
+    """The README's bucketing table is its own generating command, re-run on the records in the repository."""
     from minibert import report
 
     text = (ROOT / "README.md").read_text()
