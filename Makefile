@@ -46,7 +46,8 @@ reference: install
 # A finished run is reused; an interrupted one resumes from its last epoch.
 # FLAGS: more train.py flags for every run, e.g. FLAGS=--no-fast (a GPU's eager loop) or FLAGS=--bucket.
 RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume $(FLAGS)
-EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best lora20-tuned lora30-tuned
+EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best lora20-tuned lora30-tuned \
+	simclr-swa-cosine supcon-swa-cosine
 
 .PHONY: zeroshot $(EXPERIMENTS) paper best-seeds lora-seeds bucketing precision readme-results tune bench bench-gpu
 zeroshot: install data

@@ -43,7 +43,7 @@ from minibert.model import count_parameters
 from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, load_into, load_tensors,
                            peak_memory, pick_device, save_checkpoint, save_tensors, trainable_state, write_json,
                            write_jsonl)
-from minibert.schedule import layer_scales, linear_warmup, warmup_steps
+from minibert.schedule import cosine_warmup, layer_scales, linear_warmup, warmup_steps
 from minibert.swa import WeightAverage, swa_lr
 from minibert.tokenizer import Tokenizer
 from minibert.weights import load_pretrained, read_config
@@ -62,9 +62,9 @@ FLAG_HELP = {
     "seed": "seed for the head, the shuffle and dropout",
     "bucket": "batch sentences of similar length together (less padding)",
     "max_grad_norm": "clip the gradient norm to this; 0 turns clipping off",
-    "scheduler": "learning-rate schedule: constant, or linear warmup then decay to zero",
-    "warmup_steps": "linear schedule: warmup steps",
-    "warmup_ratio": "linear schedule: warmup as a fraction of all steps (instead of --warmup-steps)",
+    "scheduler": "learning-rate schedule: constant, or linear warmup then linear or cosine decay to zero",
+    "warmup_steps": "linear and cosine schedules: warmup steps",
+    "warmup_ratio": "linear and cosine schedules: warmup as a fraction of all steps (instead of --warmup-steps)",
     "swa": "stochastic weight averaging over the last epochs",
     "swa_start": "SWA averages after every epoch past int(swa_start x epochs) (0-based), as torch's loop",
     "swa_lr": "SWA: the rate annealed to",
@@ -574,14 +574,16 @@ def learning_rate(config, epoch, step, steps_per_epoch):
     """The rate for the classifier's next optimizer step, `step` steps into its training, in its
     `epoch`-th epoch (both 0-based).
 
-    Constant, or linear warmup and decay (§3.2.1), which steps after every optimizer step. With
+    Constant, or warmup and linear (§3.2.1) or cosine decay, which step after every optimizer step. With
     SWA, torch's loop hands over after epoch swa_start: the ordinary schedule has run through it,
     and SWALR, stepped once after each averaged epoch, anneals from the rate it left."""
     total = config.epochs * steps_per_epoch
     warmup = warmup_steps(total, config.warmup_steps, config.warmup_ratio)
 
+    decay = {"linear": linear_warmup, "cosine": cosine_warmup}.get(config.scheduler)
+
     def scheduled(s):
-        return config.lr * (linear_warmup(s, warmup, total) if config.scheduler == "linear" else 1.0)
+        return config.lr * (decay(s, warmup, total) if decay else 1.0)
 
     start = swa_start_epoch(config)
     if config.swa and epoch > start:

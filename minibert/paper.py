@@ -22,7 +22,7 @@ from .fetch import DownloadError
 from .weights import resolve
 
 ROWS = ["zeroshot", "baseline", "scheduler", "swa", "both", "lora20", "lora30", "supcon", "simclr"]
-BEYOND = ["best", "lora20-tuned", "lora30-tuned"]  # presets beyond the paper, run with --rows
+BEYOND = ["best", "lora20-tuned", "lora30-tuned", "simclr-swa-cosine", "supcon-swa-cosine"]  # presets beyond the paper, run with --rows
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -35,7 +35,7 @@ PAPER = {
     "supcon": (347.9449, 0.8967),
     "simclr": (302.1467, 0.9152),
 }
-ORDER = list(PAPER) + ["best", "lora20-tuned", "lora30-tuned"]
+ORDER = list(PAPER) + ["best", "lora20-tuned", "lora30-tuned", "simclr-swa-cosine", "supcon-swa-cosine"]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 ONE_RUN = ("seed",)  # what may differ between the runs of one arm
 

@@ -1,9 +1,12 @@
-"""Linear warmup, then linear decay to zero: the schedule of BERT's fine-tuning recipe.
+"""Linear warmup, then decay to zero: linearly (the schedule of BERT's fine-tuning recipe) or
+along half a cosine (SGDR, Loshchilov & Hutter 2017, without restarts).
 
-A pure function of the step. The training loop sets lr = peak · multiplier(step) once before
+Pure functions of the step. The training loop sets lr = peak · multiplier(step) once before
 the first optimizer step and again after every step, as transformers'
 `get_linear_schedule_with_warmup` does through LambdaLR.
 """
+
+import math
 
 
 def linear_warmup(step, warmup, total):
@@ -11,6 +14,16 @@ def linear_warmup(step, warmup, total):
     if step < warmup:
         return step / max(1, warmup)
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def cosine_warmup(step, warmup, total):
+    """Multiplier after `step` steps: the same warmup, then 0.5 · (1 + cos(π · progress)) with
+    progress = (step - warmup) / (total - warmup), from 1 down to 0 at step `total`, where
+    training ends: transformers' `get_cosine_schedule_with_warmup` with its default half cycle."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def warmup_steps(total, steps=0, ratio=0.0):

@@ -180,6 +180,24 @@ def schedule_reference():
     return out
 
 
+def cosine_schedule_reference():
+    """transformers' get_cosine_schedule_with_warmup (half a cycle): the multiplier before each
+    optimizer step, up to the last."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = {}
+    for warmup, total in SCHEDULES:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        values = []
+        for _ in range(total + 1):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        out[f"w{warmup}_t{total}"] = torch.tensor(values, dtype=torch.float64)
+    return out
+
+
 SWALR_CASES = [(1e-4, 1e-5, 5, "cos"), (3e-5, 1e-5, 3, "linear"), (1e-3, 5e-4, 1, "cos")]
 
 
@@ -274,6 +292,7 @@ def supcon_reference():
 # Reference files beyond the encoder's: name → function returning a dict of tensors.
 EXTRA_REFERENCES = {
     "schedule": schedule_reference,
+    "cosine_schedule": cosine_schedule_reference,
     "swa": swa_reference,
     "lora": lora_reference,
     "supcon": supcon_reference,

@@ -9,6 +9,7 @@ tolerance past what a bug moves makes the matching test here fail.
 
 import contextlib
 import functools
+import math
 
 import pytest
 import torch
@@ -112,6 +113,26 @@ def test_schedule_parity_catches(offset, monkeypatch):
     monkeypatch.setattr(schedule, "linear_warmup",
                         lambda step, warmup, total: multiplier(step + offset, warmup, total))
     assert schedule_error() > SCHEDULE_TOL
+
+
+def cosine_over_the_whole_run(step, warmup, total):
+    """The cosine's progress counted from step 0 instead of from the end of the warmup."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def cosine_full_cycle(step, warmup, total):
+    """A whole cycle (back up to the peak at the end) instead of half of one."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return 0.5 * (1.0 + math.cos(2 * math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@pytest.mark.parametrize("bug", [cosine_over_the_whole_run, cosine_full_cycle], ids=lambda bug: bug.__name__)
+def test_cosine_schedule_parity_catches(bug, monkeypatch):
+    monkeypatch.setattr(schedule, "cosine_warmup", bug)
+    assert schedule_error("cosine") > SCHEDULE_TOL
 
 
 @pytest.fixture

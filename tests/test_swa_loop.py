@@ -2,14 +2,15 @@
 
 torch's recipe, transcribed literally below: after each epoch, `if epoch > swa_start:
 swa_model.update_parameters(model); swa_scheduler.step()`, else the ordinary scheduler steps
-(here the linear schedule, which steps after every optimizer step). A tiny model is trained
+(here the linear or cosine schedule, which steps after every optimizer step). A tiny model is trained
 twice from the same start on the same batches: once by that loop (AveragedModel, SWALR,
 LambdaLR), once with train.py's `learning_rate` and `averages_after` and minibert's
 WeightAverage. The learning rate of every step, the weights after every epoch and the average
-must agree, for the `swa` and the `both` presets.
+must agree, for the `swa` and the `both` presets and the contrastive rows' SWA-and-cosine variant.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -38,7 +39,9 @@ def torch_recipe(config):
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     total = config.epochs * STEPS_PER_EPOCH
-    scheduler = LambdaLR(optimizer, lambda s: max(0.0, (total - s) / total)) if config.scheduler == "linear" else None
+    decay = {"linear": lambda s: max(0.0, (total - s) / total),
+             "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * s / total))}.get(config.scheduler)
+    scheduler = LambdaLR(optimizer, decay) if decay else None
     swa_model = AveragedModel(model)
     swa_start = int(config.swa_start * config.epochs)
     swa_scheduler = SWALR(optimizer, swa_lr=config.swa_lr, anneal_epochs=config.swa_anneal_epochs,
@@ -86,6 +89,9 @@ CONFIGS = {
     "swa": PRESETS["swa"].override(epochs=8, swa_start=0.5, swa_anneal_epochs=2, lr=1e-2, swa_lr=1e-3),
     "both": PRESETS["both"].override(epochs=8, swa_start=0.5, swa_anneal_epochs=2, lr=1e-2, swa_lr=1e-3),
     "paper": PRESETS["both"].override(lr=1e-2, swa_lr=1e-3),  # 10 epochs: epochs 8 and 9 averaged
+    # The classifier stage of the SWA-and-cosine variant: cosine decay until SWA takes over.
+    "cosine": PRESETS["simclr-swa-cosine"].override(epochs=8, swa_start=0.5, swa_anneal_epochs=2, lr=1e-2,
+                                                    swa_lr=1e-3),
 }
 
 

@@ -1,5 +1,5 @@
-"""The warmup schedule, SWA and LoRA equal their references: transformers'
-get_linear_schedule_with_warmup, torch.optim.swa_utils, and peft. Each stored comparison is a
+"""The warmup schedules, SWA and LoRA equal their references: transformers'
+get_linear_schedule_with_warmup and get_cosine_schedule_with_warmup, torch.optim.swa_utils, and peft. Each stored comparison is a
 small function with its tolerance beside it; test_planted_bugs.py shows each fails for a real bug."""
 
 import pytest
@@ -20,19 +20,21 @@ from tests.cases import TOL_FP64, max_real_token_error, minibert_outputs
 SCHEDULE_TOL = 1e-12
 
 
-def schedule_error():
+def schedule_error(kind="linear"):
     """Largest |difference| between our multiplier and the stored transformers schedule."""
-    stored = load_file(cases.REFERENCE / "schedule.safetensors")
+    stored = load_file(cases.REFERENCE / ("schedule.safetensors" if kind == "linear" else "cosine_schedule.safetensors"))
+    multiplier = {"linear": schedule.linear_warmup, "cosine": schedule.cosine_warmup}[kind]
     worst = 0.0
     for warmup, total in cases.SCHEDULES:
-        steps = range(total + 3)
-        ours = torch.tensor([schedule.linear_warmup(s, warmup, total) for s in steps], dtype=torch.float64)
-        worst = max(worst, (ours - stored[f"w{warmup}_t{total}"]).abs().max().item())
+        reference = stored[f"w{warmup}_t{total}"]
+        ours = torch.tensor([multiplier(s, warmup, total) for s in range(len(reference))], dtype=torch.float64)
+        worst = max(worst, (ours - reference).abs().max().item())
     return worst
 
 
-def test_schedule_matches_stored_reference():
-    assert schedule_error() <= SCHEDULE_TOL
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_matches_stored_reference(kind):
+    assert schedule_error(kind) <= SCHEDULE_TOL
 
 
 def test_schedule_matches_transformers_live(transformers):
@@ -42,6 +44,15 @@ def test_schedule_matches_transformers_live(transformers):
         for step in range(0, total + 2, max(1, total // 50)):
             expected = scheduler.lr_lambdas[0](step)
             assert abs(schedule.linear_warmup(step, warmup, total) - expected) <= SCHEDULE_TOL
+
+
+def test_cosine_schedule_matches_transformers_live(transformers):
+    for warmup, total in [(2, 13), (0, 720 * 10), (72, 720)]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        for step in range(0, total + 1):
+            expected = scheduler.lr_lambdas[0](step)
+            assert abs(schedule.cosine_warmup(step, warmup, total) - expected) <= SCHEDULE_TOL
 
 
 def test_warmup_from_steps_or_ratio():
