@@ -80,10 +80,15 @@ class Replay:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records, runs nothing
                 self.outputs = self.step(*self.inputs)
-        for recorded, x in zip(self.inputs, inputs):
-            recorded.copy_(x)
+        self.refresh(inputs)
         self.graph.replay()
         return self.outputs
+
+    def refresh(self, inputs):
+        """Copy a call's inputs into the tensors the graph was recorded reading: all of them, or
+        the replay computes with the last call's."""
+        for recorded, x in zip(self.inputs, inputs, strict=True):
+            recorded.copy_(x)
 
     @property
     def captured(self):

@@ -1,0 +1,107 @@
+"""Every check of tests/test_training_loop.py fails for the bug it is there to catch.
+
+As in test_planted_bugs.py, each bug is planted for the length of one test with monkeypatch (the
+library code is untouched) and the check, with its own tolerance, must raise AssertionError.
+"""
+
+import pytest
+import torch
+
+import train
+from minibert import classifier, evaluation, model
+from minibert.fast import Replay
+from tests import test_training_loop as loop
+from tests.test_training_loop import simulated_cuda  # noqa: F401 (a fixture)
+
+
+def batch_order_dropping_one_per_chunk(encoded, batch_size, generator, bucket=False):
+    """data.batch_order with each 50-batch chunk cut one sentence short when bucketing."""
+    order = torch.randperm(len(encoded), generator=generator)
+    chunk = 50 * batch_size
+    pieces = [order[start:start + chunk - 1] for start in range(0, len(order), chunk)]
+    pieces = [part[torch.argsort(encoded.lengths[part], stable=True)] for part in pieces]
+    batches = list(torch.cat(pieces).split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+
+def test_bucketing_check_catches_a_dropped_sentence(monkeypatch):
+    monkeypatch.setattr(loop, "batch_order", batch_order_dropping_one_per_chunk)
+    with pytest.raises(AssertionError, match="exactly once"):
+        loop.check_bucketed_epoch()
+
+
+def clip_before_unscaling(monkeypatch):
+    """The gradient clipped while GradScaler's scale is still in it: clip(s·g), then ÷ s."""
+    scale = {}
+    unscale, clip = torch.amp.GradScaler.unscale_, torch.nn.utils.clip_grad_norm_
+
+    def remember_the_scale(self, optimizer):
+        scale["s"] = self.get_scale()
+        return unscale(self, optimizer)
+
+    def clip_scaled(params, max_norm, *args, **kwargs):
+        params, s = list(params), scale.get("s", 1.0)
+        for p in params:
+            p.grad.mul_(s)
+        total = clip(params, max_norm, *args, **kwargs)
+        for p in params:
+            p.grad.div_(s)
+        return total
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", remember_the_scale)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_scaled)
+
+
+def clip_without_the_projection_head(monkeypatch):
+    """Stage 1's clipping measured over the encoder only, the projection head left out."""
+    head, clip = set(), torch.nn.utils.clip_grad_norm_
+    init = classifier.ContrastiveModel.__init__
+
+    def remember_the_head(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        head.update(id(p) for p in self.projection.parameters())
+
+    monkeypatch.setattr(classifier.ContrastiveModel, "__init__", remember_the_head)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, *a, **k: clip([p for p in params if id(p) not in head], *a, **k))
+
+
+@pytest.mark.parametrize("bug, flags", [(clip_before_unscaling, "fp16 classifier"),
+                                        (clip_without_the_projection_head, "contrastive")],
+                         ids=["clip_before_unscaling", "clip_without_the_projection_head"])
+def test_clipping_check_catches(bug, flags, tiny_model, small_massive, tmp_path, monkeypatch):
+    bug(monkeypatch)
+    with pytest.raises(AssertionError, match="applied a gradient of norm"):
+        loop.check_clipping(loop.tiny_args(tiny_model, small_massive, tmp_path / "run", "--lr", "1e-3",
+                                           *loop.CLIPPED[flags]), 1e-3, monkeypatch)
+
+
+def test_probe_check_catches_the_encoder_left_in_train_mode(small_massive, tmp_path, monkeypatch):
+    """The probe's `encoder.eval()` has no effect."""
+    monkeypatch.setattr(model.BertModel, "eval", lambda self: self)
+    with pytest.raises(AssertionError, match="in train mode"):
+        loop.test_the_probe_encoder_stays_frozen_and_in_eval_mode(small_massive, tmp_path, monkeypatch)
+
+
+def test_dev_best_check_catches_an_evaluation_under_autocast(tiny_model, small_massive, tmp_path, monkeypatch):
+    """The kept epoch evaluated under the training precision's autocast (bf16) instead of fp32."""
+    select = train.select_dev_best
+
+    def select_under_autocast(run):
+        monkeypatch.setattr(train, "evaluate", lambda model, encoded, device, autocast=None, fast=False:
+                            evaluation.evaluate(model, encoded, device, run.autocast, fast=fast))
+        try:
+            return select(run)
+        finally:
+            monkeypatch.setattr(train, "evaluate", evaluation.evaluate)
+
+    monkeypatch.setattr(train, "select_dev_best", select_under_autocast)
+    with pytest.raises(AssertionError):
+        loop.test_dev_best_under_bf16_is_evaluated_like_the_final_figures(tiny_model, small_massive, tmp_path)
+
+
+def test_replay_check_catches_a_replay_that_refreshes_its_first_input_only(simulated_cuda, monkeypatch):
+    monkeypatch.setattr(Replay, "refresh", lambda self, inputs: self.inputs[0].copy_(inputs[0]))
+    with pytest.raises(AssertionError, match="stale input"):
+        loop.check_replay_refreshes_every_input(simulated_cuda)
+
