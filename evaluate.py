@@ -19,7 +19,7 @@ from minibert.data import encode, load_massive
 from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
-from minibert.experiments import CHOICES, TrainConfig
+from minibert.experiments import CHOICES, MAX_SEED, TrainConfig
 from minibert.fetch import DownloadError
 from minibert.runs import FORMAT, device_name, load_run, pick_device, write_csv, write_json
 from minibert.weights import load_pretrained
@@ -56,9 +56,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.run_dir):
         p.error("give either RUN_DIR or --zero-shot")
-    predicting = bool(args.predict or args.predict_file)
+    # An empty sentence is refused, not taken for none (which would evaluate the test split instead).
+    if args.predict is not None and not args.predict.strip():
+        p.error(f"--predict {args.predict!r}: an empty sentence; give the text to classify")
+    if args.predict_file == "":
+        p.error("--predict-file '': no file named; give a path, or - for standard input")
+    predicting = args.predict is not None or args.predict_file is not None
     if predicting and (args.zero_shot or args.embeddings):
         p.error("--predict and --predict-file need a trained RUN_DIR and nothing else")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed {args.seed}: must be a whole number from 0 to {MAX_SEED}")
     for name in ("seed", "out"):
         if getattr(args, name) is not None and not args.zero_shot:
             p.error(f"--{name} applies to --zero-shot only (a run's seed is fixed, its records go to RUN_DIR)")
@@ -160,11 +167,11 @@ def evaluate_run(args):
     model.to(device)
     if args.model and args.model != meta["model"]:
         raise ValueError(f"{args.run_dir} was trained from {meta['model']}, not {args.model}")
-    if args.predict:
+    if args.predict is not None:
         probability, label = classify(model, tokenizer, [args.predict], meta["max_len"], device)
         print(f"{meta['labels'][label[0]]} ({probability[0]:.3f})")
         return
-    if args.predict_file:
+    if args.predict_file is not None:
         sentences = read_sentences(args.predict_file)
         probability, label = classify(model, tokenizer, sentences, meta["max_len"], device)
         for p, i, sentence in zip(probability.tolist(), label.tolist(), sentences):

@@ -40,9 +40,9 @@ from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import supcon_loss, symmetric_kl
 from minibert.model import count_parameters
-from minibert.runs import (FORMAT, checkpoint_state, device_name, load_checkpoint, load_into, load_tensors,
-                           peak_memory, pick_device, save_checkpoint, save_tensors, trainable_state, write_json,
-                           write_jsonl)
+from minibert.runs import (FORMAT, WriteError, checkpoint_state, device_name, load_checkpoint, load_into,
+                           load_tensors, peak_memory, pick_device, read_json, save_checkpoint, save_tensors,
+                           save_tokenizer, trainable_state, write_json, write_jsonl)
 from minibert.schedule import cosine_warmup, layer_scales, linear_warmup, warmup_steps
 from minibert.swa import WeightAverage, swa_lr
 from minibert.tokenizer import Tokenizer
@@ -251,6 +251,8 @@ def main(argv=None):
         for epoch in range(run.start_epoch, run.config.stage1_epochs + run.config.epochs):
             train_epoch(run, epoch)
         return finish(run, argv)
+    except WriteError as e:  # a full disk, say: the last completed epoch's checkpoint is intact
+        sys.exit(f"train.py: {e.line('run the same command with --resume')}")
     except (ValueError, DownloadError, OSError) as e:
         sys.exit(f"train.py: {e}")
     except KeyboardInterrupt:
@@ -264,7 +266,7 @@ def setup(args):
     config = PRESETS[args.experiment].override(**{k: getattr(args, k) for k in FLAG_HELP})
     config.check(world_size())  # every flag, before anything heavy loads: a bad one costs a second
     if args.out:
-        check_run_dir(Path(args.out), args.resume)
+        check_run_dir(Path(args.out), args.resume, config)
     device = pick_device(args.device)
     rank, world = setup_distributed(device)
     if world > 1 and device.type == "cuda":
@@ -301,9 +303,10 @@ def setup(args):
     if 0 < short < world:
         raise ValueError(f"the last batch holds {short} sentences, fewer than the {world} processes: pick a "
                          f"--batch-size that leaves none or at least {world} over from {len(splits['train'])}")
+    config.check_steps(math.ceil(len(splits["train"]) / config.batch_size))
     run_dir = Path(args.out or f"runs/{config.experiment}-{Path(encoder.name).name}-s{config.seed}")
     if not args.out:  # --out was checked before anything loaded
-        check_run_dir(run_dir, args.resume)
+        check_run_dir(run_dir, args.resume, config)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision, fast=fast,
@@ -669,8 +672,9 @@ def select_dev_best(run):
     return record
 
 
-def check_run_dir(run_dir, resume):
-    """Never overwrite a run silently: its checkpoint could be hours of work."""
+def check_run_dir(run_dir, resume, config):
+    """Never overwrite a run silently: its checkpoint could be hours of work. A finished run asked
+    to resume is done if it trained with `config`, and refused if it trained with other settings."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
     existing = [f for f in ("checkpoint.safetensors", "results.json") if (run_dir / f).exists()]
@@ -678,6 +682,11 @@ def check_run_dir(run_dir, resume):
         raise ValueError(f"{run_dir} already holds a run ({', '.join(existing)}); "
                          "pass --resume to continue it, or --out to write elsewhere")
     if resume and (run_dir / "results.json").exists():
+        record = read_json(run_dir / "results.json")
+        if not isinstance(record, dict) or not isinstance(record.get("hyperparameters"), dict):
+            raise ValueError(f"{run_dir / 'results.json'}: no hyperparameters, not a record of train.py; "
+                             "delete the folder to train again, or pass another --out")
+        check_same_config(record["hyperparameters"], config.to_dict(), run_dir)
         print(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
         sys.exit(0)
 
@@ -687,7 +696,8 @@ def check_same_config(saved, current, run_dir):
     differ = [k for k in current if saved[k] != current[k]]
     if differ:
         details = ", ".join(f"{k}: {saved[k]!r} → {current[k]!r}" for k in differ)
-        raise ValueError(f"cannot resume {run_dir} with other hyperparameters ({details})")
+        raise ValueError(f"cannot resume {run_dir} with other hyperparameters ({details}); resume it with the "
+                         "settings it was trained with, or pass another --out")
 
 
 def check_finite(loss, epoch, step, run_dir):
@@ -714,7 +724,7 @@ def save_model(run_dir, model, tokenizer, labels, config):
     save_tensors(run_dir / "model.safetensors", trainable_state(model) if config.lora_r else model.state_dict())
     lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
             "targets": config.lora_target_list} if config.lora_r else None
-    tokenizer.backend.save(str(run_dir / "tokenizer.json"))
+    save_tokenizer(run_dir / "tokenizer.json", tokenizer)
     write_json(run_dir / "model.json", {
         "format": FORMAT,
         "model": model.encoder.name,

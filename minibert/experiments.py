@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from torch import nn
 
+from . import schedule
 from .model import BertConfig, Layer
 
 
@@ -92,6 +93,7 @@ class TrainConfig:
             ("max_len", self.max_len >= 3, "must be at least 3: [CLS], one word-piece, [SEP]"),
             ("drop_rate", 0 <= self.drop_rate < 1, "must be at least 0 and below 1"),
             ("hidden_dim", self.hidden_dim >= 1, "must be at least 1"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED}"),
             ("adam_eps", 0 < self.adam_eps < math.inf, "must be a finite number above 0"),
             ("weight_decay", 0 <= self.weight_decay < math.inf, "must be a finite number, 0 or more"),
             ("max_grad_norm", 0 <= self.max_grad_norm < math.inf, "must be a finite number, 0 or more "
@@ -114,6 +116,13 @@ class TrainConfig:
         if self.warmup_steps > 0 and self.warmup_ratio > 0:
             raise ValueError(f"--warmup-steps {self.warmup_steps} and --warmup-ratio {self.warmup_ratio} both set "
                              "the warmup; pass --warmup-ratio 0 or --warmup-steps 0")
+        for name in ("warmup_steps", "warmup_ratio"):
+            if getattr(self, name) and self.scheduler == "constant":
+                raise ValueError(f"{flag(name)} {getattr(self, name)} with --scheduler constant: a constant rate has "
+                                 f"no warmup; pass --scheduler linear or cosine, or {flag(name)} 0")
+        if self.layer_decay < 1 and self.stage2 == "probe":
+            raise ValueError(f"--layer-decay {self.layer_decay} with --stage2 probe: the encoder is frozen, no layer "
+                             "trains to decay; pass --layer-decay 1, or --stage2 finetune")
         unknown = [t for t in self.lora_target_list if t not in LORA_TARGETS]
         if unknown or not self.lora_target_list:
             what = f"no Linear module is named {' or '.join(unknown)}" if unknown else "names no module"
@@ -123,7 +132,7 @@ class TrainConfig:
             raise ValueError(f"--loss {self.loss} with --contrastive-epochs 0 would train cross-entropy alone; pass "
                              f"--contrastive-epochs N (or -1: as many as --epochs, as --experiment {self.loss} does), "
                              "or --loss ce")
-        if self.loss == "ce" and self.contrastive_epochs > 0:
+        if self.loss == "ce" and self.contrastive_epochs != 0:  # -1 too: it asks for a stage
             raise ValueError(f"--contrastive-epochs {self.contrastive_epochs} with --loss ce: there is no contrastive "
                              "stage to run; pass --loss supcon or --loss simclr, or --contrastive-epochs 0")
         last = int(self.swa_start * self.epochs)
@@ -147,12 +156,25 @@ class TrainConfig:
             raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
                              "would be split across processes); start a single process")
 
+    def check_steps(self, steps_per_epoch):
+        """The check that needs the data: a warmup longer than the classifier's training never decays."""
+        total = self.epochs * steps_per_epoch
+        warmup = schedule.warmup_steps(total, self.warmup_steps, self.warmup_ratio)
+        if self.scheduler != "constant" and warmup > total:
+            raise ValueError(f"--warmup-steps {warmup}: more than the run's {total} optimizer steps ({self.epochs} "
+                             f"epochs of {steps_per_epoch}), so the rate would never decay; pass at most {total}")
+
     def check_model(self, encoder):
         """The checks that need the pretrained model's BertConfig (read before its weights load)."""
         if self.max_len > encoder.max_position_embeddings:
             raise ValueError(f"--max-len {self.max_len}: the model has {encoder.max_position_embeddings} positions "
                              f"(max_position_embeddings in its config.json); pass --max-len "
                              f"{encoder.max_position_embeddings} or less")
+
+
+# Seeds as numpy takes them. The loop derives its streams' seeds as seed x 1000 + a small offset,
+# which stays well inside torch's 64-bit seeds.
+MAX_SEED = 2**32 - 1
 
 
 def flag(name):

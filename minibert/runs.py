@@ -14,9 +14,11 @@ half-written file where a good one was. Nothing is pickled.
 """
 
 import csv
+import errno
 import json
 import os
 import platform
+import re
 import resource
 import sys
 from pathlib import Path
@@ -60,10 +62,38 @@ def device_name(device):
     return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+class WriteError(ValueError):
+    """A file that could not be written: a full disk, a folder without write permission. Its
+    previous version, if it had one, is left as it was."""
+
+    def __init__(self, path, reason, full):
+        self.path, self.reason = Path(path), reason
+        self.kept = f"the previous {self.path.name} is kept" if self.path.exists() else "nothing was written"
+        self.fix = "free space and" if full else "once it can be written,"
+        super().__init__(self.line("run the command again"))
+
+    def line(self, then):
+        """The one line to show, ending with what to do once the file can be written: `then`."""
+        return f"cannot write {self.path} ({self.reason}); {self.kept}: {self.fix} {then}"
+
+
+def write_error(path, error):
+    """The WriteError of a failed write, in the operating system's words. Python raises them as
+    an OSError; safetensors wraps them in its own error, e.g. "Error while serializing: I/O error:
+    No space left on device (os error 28)"."""
+    if isinstance(error, OSError):
+        reason, code = error.strerror or str(error), error.errno
+    else:
+        found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(error))
+        reason, code = (found[1], int(found[2])) if found else (str(error), None)
+    return WriteError(path, reason, full=code in (errno.ENOSPC, errno.EDQUOT))
+
+
 def replace_atomically(path, write):
     """Write through `write(tmp)`, then rename into place. The bytes reach the disk before the
     rename, and the rename before returning, so even a power cut leaves the old file or the new
-    one, never an empty one."""
+    one, never an empty one. A write that fails (a full disk) leaves the old file and no
+    temporary one, and raises a WriteError that names the file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -71,6 +101,8 @@ def replace_atomically(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise write_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)  # only there if something failed before the rename
     folder = os.open(path.parent, os.O_RDONLY)
@@ -94,6 +126,21 @@ def write_csv(path, rows):
 
 def write_jsonl(path, rows):
     replace_atomically(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def save_tokenizer(path, tokenizer):
+    """tokenizer.json, written atomically. The tokenizers library reports a failed write as a bare
+    Exception ("No space left on device (os error 28)"): it is raised as the OSError it is."""
+    def write(tmp):
+        try:
+            tokenizer.backend.save(str(tmp))
+        except Exception as e:  # noqa: BLE001 (the library raises nothing narrower)
+            found = re.search(r"(.*) \(os error (\d+)\)", str(e))
+            if found is None:
+                raise
+            raise OSError(int(found[2]), found[1]) from None
+
+    replace_atomically(path, write)
 
 
 def save_tensors(path, tensors, metadata=None):

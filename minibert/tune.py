@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cli import Parser
 from .evaluation import accuracy_interval
-from .experiments import PRESETS, as_recorded, flag
+from .experiments import MAX_SEED, PRESETS, as_recorded, flag
 from .fetch import DownloadError
 from .paper import run_all
 from .weights import resolve
@@ -160,6 +160,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.jobs < 1 or args.epochs < 1:
         p.error("--jobs and --epochs must be at least 1")
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed {args.seed}: must be a whole number from 0 to {MAX_SEED}")
     try:
         model, _ = resolve(args.model)  # decided once, so that every candidate trains the same model
         todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates, args.base,

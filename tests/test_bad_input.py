@@ -15,8 +15,9 @@ import pytest
 
 import evaluate
 import train
+from minibert import paper, tune
 from minibert.classifier import ScenarioClassifier
-from minibert.experiments import PRESETS, TrainConfig
+from minibert.experiments import FIELDS, MAX_SEED, PRESETS, TrainConfig, flag
 from minibert.runs import read_json
 from minibert.weights import load_pretrained
 from tests import cases
@@ -195,3 +196,196 @@ def test_embeddings_of_a_run_trained_on_intents(small_massive, tmp_path):
     run = write_run(tmp_path / "intent", intents, "intent")
     evaluate.main([str(run), "--embeddings", "--data", str(small_massive)])
     assert 0 <= read_json(run / "embeddings.json")["knn_accuracy"] <= 1
+
+
+# ---- every number a command takes, out of its range: refused in one line before anything loads ----
+
+def run_to_exit(main, argv, capsys):
+    """Run `main(argv)` in this process until it exits → (exit status, its line: the one line of
+    an error, or the last line printed on exit 0). AssertionError if it runs to its end, raises
+    (the user would see a traceback) or explains an error in more than one line."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    except Exception as e:  # AssertionError too: something loaded
+        raise AssertionError(f"{argv}: {e!r}, not one line") from e
+    else:
+        raise AssertionError(f"{argv}: accepted")
+    printed = capsys.readouterr()
+    if code in (0, None):
+        return 0, printed.out.strip().splitlines()[-1]
+    # sys.exit("...") prints its message and exits 1; a usage error prints, then exits 2.
+    lines = code.splitlines() if isinstance(code, str) else printed.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return (1 if isinstance(code, str) else code), lines[0]
+
+
+def one_line_exit(main, argv, capsys):
+    """→ the one line `main(argv)` exits with; AssertionError unless it is refused with one line."""
+    status, line = run_to_exit(main, argv, capsys)
+    assert status != 0, f"{argv}: exit status 0"
+    return line
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Data, weights, a run and the lab's runs all fail the test if anything reaches them."""
+    def loads(*args, **kwargs):
+        raise AssertionError("got as far as loading data, weights or a run")
+
+    for module, names in [(train, ["load_massive", "read_config", "load_pretrained"]),
+                          (evaluate, ["load_massive", "load_pretrained", "load_run"]),
+                          (paper, ["resolve", "run_all"]), (tune, ["resolve", "run_all"])]:
+        for name in names:
+            monkeypatch.setattr(module, name, loads)
+
+
+# Values out of range of every numeric flag of train.py. NaN and inf too: a float flag checked
+# with "x > 0" alone would take inf, and one checked with "not x < 0" would take NaN.
+BAD_NUMBERS = {
+    "--epochs": ["0", "-1", "nan"],
+    "--lr": ["0", "-1e-4", "nan", "inf"],
+    "--batch-size": ["0", "-16"],
+    "--drop-rate": ["-0.1", "1", "nan"],
+    "--hidden-dim": ["0", "-10"],
+    "--max-len": ["2", "-1"],
+    "--adam-eps": ["0", "-1e-8", "nan", "inf"],
+    "--weight-decay": ["-0.01", "nan", "inf"],
+    "--seed": ["-1", str(MAX_SEED + 1), "1.5"],
+    "--max-grad-norm": ["-1", "nan", "inf"],
+    "--warmup-steps": ["-1"],
+    "--warmup-ratio": ["-0.1", "1", "nan"],
+    "--swa-start": ["-0.1", "1", "nan"],
+    "--swa-lr": ["-1e-5", "nan", "inf"],
+    "--swa-anneal-epochs": ["0", "-1"],
+    "--lora-r": ["-1"],
+    "--lora-alpha": ["0", "-8", "nan", "inf"],
+    "--lora-dropout": ["-0.1", "1", "nan"],
+    "--temperature": ["0", "-0.07", "nan", "inf"],
+    "--contrastive-epochs": ["-2"],
+    "--layer-decay": ["0", "-0.5", "1.5", "nan"],
+    "--rdrop": ["-1", "nan", "inf"],
+    "--log-every": ["0", "-1"],
+}
+# Numbers in range that cannot work together, or would be ignored: (flags, what the line says).
+BAD_COMBINATIONS = [
+    (["--contrastive-epochs", "-1"], "--contrastive-epochs -1 with --loss ce"),  # -1: as many as --epochs
+    (["--experiment", "supcon", "--loss", "ce"], "--contrastive-epochs -1 with --loss ce"),
+    (["--warmup-steps", "10"], "--warmup-steps 10 with --scheduler constant"),
+    (["--experiment", "best", "--scheduler", "constant"], "--warmup-ratio 0.06 with --scheduler constant"),
+    (["--layer-decay", "0.8", "--stage2", "probe"], "--layer-decay 0.8 with --stage2 probe"),
+]
+# The lab's commands and evaluate.py: (main, argv, what the line says).
+BAD_LAB_NUMBERS = [
+    (evaluate.main, ["--zero-shot", "--seed", "-1"], "--seed -1: must be a whole number from 0"),
+    (evaluate.main, ["--zero-shot", "--seed", str(MAX_SEED + 1)], f"--seed {MAX_SEED + 1}"),
+    (evaluate.main, ["--zero-shot", "--seed", "nan"], "--seed"),
+    (paper.main, ["{tmp}", "--epochs", "0"], "--epochs"),
+    (paper.main, ["{tmp}", "--seeds", "0"], "--seeds"),
+    (paper.main, ["{tmp}", "--jobs", "-1"], "--jobs"),
+    (tune.main, ["{tmp}", "--epochs", "0"], "--epochs"),
+    (tune.main, ["{tmp}", "--jobs", "0"], "--jobs"),
+    (tune.main, ["{tmp}", "--seed", "-1"], "--seed -1: must be a whole number from 0"),
+    (tune.main, ["{tmp}", "--seed", str(MAX_SEED + 1)], f"--seed {MAX_SEED + 1}"),
+]
+
+
+def refused_number(argv, folder, capsys):
+    """train.py with `argv` → its one line, from a check that ran before anything loaded."""
+    return one_line_exit(train.main, ["--model", "tiny", "--out", str(folder / "run"), *argv], capsys)
+
+
+def test_every_numeric_flag_has_bad_values():
+    numeric = {flag(name) for name in train.FLAG_HELP if type(FIELDS[name].default) in (int, float)}
+    assert numeric | {"--log-every"} == set(BAD_NUMBERS)
+
+
+@pytest.mark.parametrize("name, value", [pytest.param(name, value, id=f"{name} {value}")
+                                         for name, values in BAD_NUMBERS.items() for value in values])
+def test_a_number_out_of_range_is_refused_before_anything_loads(name, value, nothing_loads, tmp_path, capsys):
+    line = refused_number([f"{name}={value}"], tmp_path, capsys)  # = : "-1" would read as a flag of its own
+    assert line.startswith("train.py:") and name in line, line
+
+
+@pytest.mark.parametrize("argv, message", [pytest.param(*case, id=" ".join(case[0])) for case in BAD_COMBINATIONS])
+def test_numbers_that_cannot_work_together_are_refused(argv, message, nothing_loads, tmp_path, capsys):
+    assert message in refused_number(argv, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("main, argv, message", [pytest.param(*case, id=" ".join([case[0].__module__, *case[1][1:]]))
+                                                 for case in BAD_LAB_NUMBERS])
+def test_the_lab_and_evaluate_refuse_numbers_out_of_range(main, argv, message, nothing_loads, tmp_path, capsys):
+    assert message in one_line_exit(main, [a.format(tmp=tmp_path) for a in argv], capsys)
+
+
+# ---- a finished run asked to resume: done if it is the same run, refused if not ----------------
+
+def resume_finished(hyperparameters, argv, folder, capsys):
+    """train.py --resume on a finished run whose results.json records `hyperparameters` →
+    (exit status, its line)."""
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"hyperparameters": hyperparameters}))
+    return run_to_exit(train.main, ["--model", "tiny", "--epochs", "1", "--out", str(folder), "--resume", *argv],
+                       capsys)
+
+
+FINISHED = PRESETS["baseline"].override(model="tiny", epochs=1).to_dict()
+
+
+def test_a_finished_run_resumed_with_its_settings_is_done(nothing_loads, tmp_path, capsys):
+    assert resume_finished(FINISHED, [], tmp_path / "run", capsys) == (
+        0, f"{tmp_path / 'run'} is already complete: see its results.json (delete the folder to train again)")
+    # A record older than some settings ran them at their defaults: it is the same run.
+    older = {k: v for k, v in FINISHED.items() if k not in ("pooling", "rdrop")}
+    assert resume_finished(older, [], tmp_path / "older", capsys)[0] == 0
+
+
+@pytest.mark.parametrize("argv, differ", [
+    (["--lr", "1e-3"], "(lr: 0.0001 → 0.001)"),
+    (["--seed", "1", "--bucket"], "(seed: 0 → 1, bucket: False → True)"),
+    (["--experiment", "scheduler"], "(experiment: 'baseline' → 'scheduler', scheduler: 'constant' → 'linear')"),
+], ids=["lr", "seed-and-bucket", "experiment"])
+def test_a_finished_run_resumed_with_other_settings_is_refused(argv, differ, nothing_loads, tmp_path, capsys):
+    status, line = resume_finished(FINISHED, argv, tmp_path / "run", capsys)
+    assert status != 0 and line == f"train.py: cannot resume {tmp_path / 'run'} with other hyperparameters {differ}"
+
+
+def test_a_finished_run_without_hyperparameters_is_refused(nothing_loads, tmp_path, capsys):
+    status, line = resume_finished(None, [], tmp_path / "run", capsys)
+    assert status != 0 and "results.json: no hyperparameters" in line
+
+
+# ---- --predict: an empty sentence is refused, not taken for none --------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--predict", ""], "--predict '': an empty sentence; give the text to classify"),
+    (["--predict", "  \t "], "--predict '  \\t ': an empty sentence"),
+    (["--predict-file", ""], "--predict-file '': no file named"),
+], ids=["empty", "blank", "no-file-named"])
+def test_an_empty_sentence_is_refused(argv, message, nothing_loads, tmp_path, capsys):
+    assert message in one_line_exit(evaluate.main, [str(tmp_path), *argv], capsys)
+
+
+def test_predict_file_skips_blank_lines_and_refuses_a_blank_file(finished_run, tmp_path, capsys):
+    (tmp_path / "blank.txt").write_text("\n  \n\t\n")
+    assert "blank.txt: no sentences; give one per line" in one_line_exit(
+        evaluate.main, [str(finished_run), "--predict-file", str(tmp_path / "blank.txt")], capsys)
+    (tmp_path / "one.txt").write_text("\n  wake me up at seven \n\n")
+    evaluate.main([str(finished_run), "--predict-file", str(tmp_path / "one.txt")])
+    label, probability, sentence = capsys.readouterr().out.strip().split("\t")
+    assert label in ("alarm", "audio") and 0 < float(probability) <= 1 and sentence == "wake me up at seven"
+
+
+def test_a_warmup_longer_than_the_run_is_refused(tiny_model, small_massive, tmp_path):
+    """96 sentences in batches of 16 for 3 epochs: 18 steps. Known once the data is read, and
+    refused before the run folder is made."""
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model), "--data", str(small_massive), "--out", str(out), "--max-len", "16",
+              "--epochs", "3"]
+    for flags, warmup in ((["--scheduler", "linear", "--warmup-steps", "19"], 19),
+                          (["--scheduler", "cosine", "--warmup-steps", "100"], 100)):
+        with pytest.raises(SystemExit, match=rf"^train.py: --warmup-steps {warmup}: more than the run's 18 optimizer "
+                                             r"steps \(3 epochs of 6\), so the rate would never decay; pass at most 18$"):
+            train.main([*common, *flags])
+        assert not out.exists()

@@ -4,14 +4,19 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import threading
+from pathlib import Path
 
 import pytest
 
 from minibert import data
 from minibert.fetch import DownloadError
 
+ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"id": "0", "locale": "en-US", "partition": "train", "scenario": "alarm",
         "intent": "alarm_set", "utt": "wake me up at five am"}
 
@@ -32,6 +37,43 @@ def test_intent_labels(massive_path):
     assert len(massive.labels) == 60
     ids = massive.label_ids(massive.train[:3], "intent")
     assert all(massive.labels[i] == e.intent for i, e in zip(ids, massive.train[:3]))
+
+
+def check_label_order(path):
+    """The scenario labels, the intents and the intent labels are sorted names, and each intent's
+    group is its scenario's index: one order, whatever the order of the lines or of a set."""
+    scenarios = data.load_massive(path)
+    intents = sorted({e.intent for split in (scenarios.train, scenarios.dev, scenarios.test) for e in split})
+    scenario_of = {e.intent: e.scenario for split in (scenarios.train, scenarios.dev, scenarios.test) for e in split}
+    assert list(scenarios.labels) == sorted(data.SCENARIOS)
+    assert list(scenarios.intents) == intents
+    assert scenarios.intent_groups() == [sorted(data.SCENARIOS).index(scenario_of[i]) for i in intents]
+    assert list(data.load_massive(path, labels="intent").labels) == intents
+
+
+LABELS_OF_ONE_PROCESS = """
+import json, sys
+from minibert.data import load_massive
+scenarios = load_massive(sys.argv[1])
+print(json.dumps([scenarios.labels, scenarios.intent_groups(), load_massive(sys.argv[1], labels="intent").labels]))
+"""
+
+
+def test_label_order_is_fixed_whatever_the_hash_seed(massive_path):
+    """A label is an index into the label names: an order that came from a set would change with
+    the string hash seed of each process, and a saved model would read another process's labels
+    wrong. Two processes of different seeds print what this one computes."""
+    check_label_order(massive_path)
+    scenarios = data.load_massive(massive_path)
+    here = [list(scenarios.labels), scenarios.intent_groups(), list(data.load_massive(massive_path, "intent").labels)]
+    processes = [subprocess.Popen([sys.executable, "-c", LABELS_OF_ONE_PROCESS, str(massive_path)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"})
+                 for seed in ("1", "2")]
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        assert json.loads(out) == here
 
 
 def write_lines(tmp_path, lines):

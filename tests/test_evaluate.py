@@ -2,13 +2,19 @@
 hand computation.
 
 The run is an untrained classifier on the tiny reference model: its guesses are poor, which is
-all these checks need (several labels, plenty of mistakes). Nothing here trains."""
+all these checks need (several labels, plenty of mistakes). Nothing here trains.
+
+The per-label figures, the mistakes most made and the CSV records are also checked on a
+hand-made case against plain Python counting, and the JSON of `python -m minibert.report --by`
+against the committed one and the sample standard deviation by hand; each such check is a small
+function that test_planted_bugs_evaluation.py shows failing for a real bug."""
 
 import csv
 import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,16 +25,18 @@ import torch
 
 import evaluate
 import train
+from minibert import evaluation, report
 from minibert.agreement import agreement
 from minibert.agreement import main as agreement_main
 from minibert.classifier import ScenarioClassifier
-from minibert.data import SCENARIOS, encode, load_massive
+from minibert.data import SCENARIOS, Example, encode, load_massive
 from minibert.embeddings import embed
 from minibert.evaluation import accuracy_interval, confusion_matrix, label_metrics
 from minibert.experiments import TrainConfig
 from minibert.runs import read_json
 from minibert.weights import load_pretrained
 from tests import cases
+from tests.test_train import copy_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = cases.REFERENCE / "tiny_odd"  # max_position_embeddings 16
@@ -245,3 +253,173 @@ def test_weight_changes_of_an_untrained_run_are_zero(small_massive, tmp_path, ca
     layers = json.loads((TINY / "config.json").read_text())["num_hidden_layers"]
     assert len(changes) == 6 * layers and set(changes.values()) == {0.0}
     assert "attention_output" in capsys.readouterr().out  # the table's columns
+
+
+# A hand-made split: (gold, predicted) label pairs over five labels. Its confusion matrix is not
+# symmetric (4 d → a, none a → d), the mistakes have four different counts (so that their order is
+# unique), every gold label is predicted at least once, and no label's precision equals its recall:
+# a's is 2/7 and 2/5, b's 1/4 and 1/3, c's 3/5 and 3/4, d's 1/1 and 1/5. e is in neither.
+NAMES = ["a", "b", "c", "d", "e"]
+HAND_PAIRS = [(0, 0)] * 2 + [(0, 1)] * 3 + [(1, 1)] + [(1, 2)] * 2 + [(2, 2)] * 3 + [(2, 0)] + [(3, 3)] + [(3, 0)] * 4
+
+
+def hand_case():
+    """→ logits (N, 5), gold labels (N,). Each row's predicted label has the largest logit, the
+    next label a close second, the others far behind: its softmax probability is 0.57 to 0.66,
+    the sigmoid of its logit 0.88 to 0.92."""
+    logits = torch.full((len(HAND_PAIRS), len(NAMES)), -1.0)
+    for row, (_, predicted) in enumerate(HAND_PAIRS):
+        logits[row, predicted] = 2.0 + 0.1 * (row % 5)
+        logits[row, (predicted + 1) % len(NAMES)] = 1.5
+    return logits, torch.tensor([gold for gold, _ in HAND_PAIRS])
+
+
+def check_confused_pairs():
+    """The mistakes most made, gold → predicted, are those plain counting finds, most frequent first."""
+    logits, labels = hand_case()
+    mistakes = {}
+    for gold, predicted in HAND_PAIRS:
+        if gold != predicted:
+            mistakes[gold, predicted] = mistakes.get((gold, predicted), 0) + 1
+    by_hand = [{"true": NAMES[gold], "predicted": NAMES[predicted], "count": count}
+               for (gold, predicted), count in sorted(mistakes.items(), key=lambda kv: -kv[1])]
+    assert [pair["count"] for pair in by_hand] == [4, 3, 2, 1]
+    assert evaluation.confused_pairs(logits, labels, NAMES) == by_hand
+    assert evaluation.confused_pairs(logits, labels, NAMES, top=2) == by_hand[:2]
+
+
+# per_label_accuracy is a float32 mean of 0s and 1s: within 1e-7 of the fraction. Precision in
+# its place moves every label by 0.08 or more here.
+PER_LABEL_TOL = 1e-6
+
+
+def per_label_accuracy_error():
+    """Largest |difference| between per_label_accuracy and each gold label's share of its
+    sentences predicted right, counted by hand; the labels must be the gold labels present."""
+    logits, labels = hand_case()
+    gold_count, right = {}, {}
+    for gold, predicted in HAND_PAIRS:
+        gold_count[gold] = gold_count.get(gold, 0) + 1
+        right[gold] = right.get(gold, 0) + (gold == predicted)
+    by_hand = {NAMES[i]: right[i] / gold_count[i] for i in gold_count}
+    result = evaluation.per_label_accuracy(logits, labels, NAMES)
+    assert set(result) == set(by_hand)
+    return max(abs(result[name] - by_hand[name]) for name in by_hand)
+
+
+def write_hand_records(folder):
+    """evaluate.py's CSV records of the hand-made split, written to `folder` → (predictions rows,
+    confusion rows), each without its header."""
+    logits, labels = hand_case()
+    examples = [Example(f"sentence {row}", "alarm", "alarm_set", str(row)) for row in range(len(HAND_PAIRS))]
+    evaluate.write_split_records(folder, "dev", examples, logits, labels, NAMES)
+    return read_csv(folder / "predictions-dev.csv")[1:], read_csv(folder / "confusion-dev.csv")[1:]
+
+
+def check_confusion_csv(folder):
+    """confusion-dev.csv holds the counts of the hand-made pairs, rows gold and columns predicted."""
+    counts = [[0] * len(NAMES) for _ in NAMES]
+    for gold, predicted in HAND_PAIRS:
+        counts[gold][predicted] += 1
+    _, rows = write_hand_records(folder)
+    assert rows == [[name, *map(str, row)] for name, row in zip(NAMES, counts)]
+
+
+# The probability column is written with 4 decimals: within 5e-5 of the exact value, plus float32's
+# 1e-7. A sigmoid in place of the softmax moves it by 0.3 here.
+PROBABILITY_TOL = 5e-5 + 1e-6
+
+
+def probability_error(folder):
+    """Largest |difference| between predictions-dev.csv's probability column and the softmax
+    probability of the predicted label, exp(l_p) / Σ exp(l_j), by hand in float64; its gold and
+    predicted columns must be the hand-made pairs'."""
+    logits, _ = hand_case()
+    rows, _ = write_hand_records(folder)
+    assert [(row[2], row[3]) for row in rows] == [(NAMES[g], NAMES[p]) for g, p in HAND_PAIRS]
+    worst = 0.0
+    for row, (_, predicted) in zip(rows, HAND_PAIRS):
+        values = logits[int(row[0])].tolist()
+        top = max(values)
+        softmax = math.exp(values[predicted] - top) / sum(math.exp(v - top) for v in values)
+        worst = max(worst, abs(float(row[4]) - softmax))
+    return worst
+
+
+def test_most_confused_are_gold_then_predicted():
+    check_confused_pairs()
+
+
+def test_per_label_accuracy_is_the_share_of_each_gold_label_right():
+    assert per_label_accuracy_error() < PER_LABEL_TOL
+
+
+def test_records_of_a_split_hold_the_softmax_and_the_counts(tmp_path):
+    check_confusion_csv(tmp_path)
+    assert probability_error(tmp_path) < PROBABILITY_TOL
+
+
+# `report --by` only averages stored accuracies: the same code on the same records gives the same
+# bits. The tolerance allows another order of summation; a population std in place of the sample
+# one is off by 1 - √(2/3), 18 %, with three seeds an arm.
+REPORT_TOL = 1e-12
+
+
+def regenerate_bucketing(to, monkeypatch):
+    """The README's bucketing command (without --readme), run in `to` on copies of the committed
+    records → (the JSON it writes, the committed JSON)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- by-bucket:start -->", 1)[1]
+    argv = shlex.split(block.split("<!-- generated by `", 1)[1].split("` -->", 1)[0])[3:]
+    if "--readme" in argv:
+        del argv[argv.index("--readme"):argv.index("--readme") + 2]
+    for folder in argv[:argv.index("--by")]:
+        copy_records(folder, to)
+    monkeypatch.chdir(to)
+    report.main(argv)
+    out = Path(argv[argv.index("--out") + 1]).with_suffix(".json")
+    return json.loads((to / out).read_text()), json.loads((ROOT / out).read_text())
+
+
+def largest_relative_difference(ours, committed, where="record"):
+    """Between two JSON values of the same shape: the largest relative difference of their floats;
+    every key, string, integer and length must be equal."""
+    if isinstance(committed, list):
+        assert len(ours) == len(committed), where
+        ours, committed = dict(enumerate(ours)), dict(enumerate(committed))
+    if isinstance(committed, dict):
+        assert set(ours) == set(committed), where
+        return max((largest_relative_difference(ours[k], committed[k], f"{where}/{k}") for k in committed),
+                   default=0.0)
+    if isinstance(committed, float):
+        return abs(ours - committed) / abs(committed)
+    assert ours == committed, where
+    return 0.0
+
+
+def bucketing_json_error(to, monkeypatch):
+    """Largest relative difference between the regenerated bucketing JSON and the committed one."""
+    ours, committed = regenerate_bucketing(to, monkeypatch)
+    return largest_relative_difference(ours, committed)
+
+
+def bucketing_std_error(to, monkeypatch):
+    """Largest relative difference between each arm's [mean, std] of dev and test accuracy in the
+    regenerated JSON and, by hand from its runs' records, the mean and the sample standard
+    deviation √(Σ (x - mean)² / (n - 1))."""
+    ours, _ = regenerate_bucketing(to, monkeypatch)
+    worst = 0.0
+    for arms in ours.values():
+        for arm in arms.values():
+            records = [json.loads((to / run / "results.json").read_text()) for run in arm["run_dirs"]]
+            for split in ("dev", "test"):
+                values = [record[split]["accuracy"] for record in records]
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+                worst = max(worst, abs(arm[split][0] - mean) / mean, abs(arm[split][1] - std) / std)
+    return worst
+
+
+def test_report_by_bucket_json_is_the_committed_one(tmp_path, monkeypatch):
+    assert bucketing_json_error(tmp_path / "json", monkeypatch) <= REPORT_TOL
+    assert bucketing_std_error(tmp_path / "std", monkeypatch) <= REPORT_TOL

@@ -1,8 +1,11 @@
-"""Every check of tests/test_training_loop.py fails for the bug it is there to catch.
+"""Every check of tests/test_training_loop.py, and the fp16 and dev-best checks of test_train.py,
+fails for the bug it is there to catch.
 
 As in test_planted_bugs.py, each bug is planted for the length of one test with monkeypatch (the
 library code is untouched) and the check, with its own tolerance, must raise AssertionError.
 """
+
+import os
 
 import pytest
 import torch
@@ -10,7 +13,9 @@ import torch
 import train
 from minibert import classifier, evaluation, model
 from minibert.fast import Replay
+from tests import test_train
 from tests import test_training_loop as loop
+from tests.test_train import fp32_reference  # noqa: F401 (a fixture)
 from tests.test_training_loop import simulated_cuda  # noqa: F401 (a fixture)
 
 
@@ -105,3 +110,36 @@ def test_replay_check_catches_a_replay_that_refreshes_its_first_input_only(simul
     with pytest.raises(AssertionError, match="stale input"):
         loop.check_replay_refreshes_every_input(simulated_cuda)
 
+
+
+def test_fp16_check_catches_a_run_that_never_steps(fp32_reference, small_massive, tmp_path, monkeypatch):
+    """GradScaler.step returns without calling the optimizer: fp16 trains nothing."""
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, optimizer, *a, **k: None)
+    run = train.main(test_train.tiny(small_massive, tmp_path, *test_train.MIXED_RECIPE, "--precision", "fp16"))
+    with pytest.raises(AssertionError, match="epoch 1: train loss"):
+        test_train.check_trains_like_fp32(run, fp32_reference, test_train.MIXED_TOLERANCE)
+
+
+def test_dev_best_check_catches_a_comparison_with_the_last_epoch(small_massive, tmp_path, monkeypatch):
+    """Each epoch compared with the previous epoch's dev accuracy instead of the best so far: with
+    the curve 0.3, 0.6, 0.4, 0.5 the fourth epoch (0.5 > 0.4) replaces the second."""
+    monkeypatch.setattr(train, "max", lambda values, default: values[-1] if values else default, raising=False)
+    run, weights = test_train.run_with_dev_curve(small_massive, tmp_path / "best", monkeypatch,
+                                                 "--select", "dev-best")
+    with pytest.raises(AssertionError, match="kept epoch 4"):
+        test_train.check_dev_best_kept_epoch_two(run, weights, small_massive)
+
+
+def r_drop_kl_unscaled_across_processes():
+    """R-Drop's KL summed over a process's share of the batch and divided by the whole batch's
+    size, without the world factor that the cross-entropy gets: DDP's average then halves it."""
+    kl = train.symmetric_kl
+    train.symmetric_kl = lambda first, second: kl(first, second) / int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def test_two_process_check_catches_an_unscaled_r_drop(tiny_model, small_massive, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBERT_PLANT", r_drop_kl_unscaled_across_processes.__name__)
+    with pytest.raises(AssertionError, match="assert False"):  # torch.allclose of a gradient, not a failed run
+        test_train.check_two_processes_compute_one_process_gradient(
+            "finetune", ["--supervise", "intents", "--rdrop", "4", "--drop-rate", "0.5"], tiny_model, small_massive,
+            tmp_path)

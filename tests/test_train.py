@@ -15,6 +15,7 @@ import torch
 import evaluate
 import train
 from minibert.runs import read_json
+from tests.cases import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,10 +121,35 @@ def test_presets_record_what_they_did(small_massive, minilm_dir, tmp_path):
     assert (tmp_path / "probe" / "projection.safetensors").exists()
 
 
+def right_one_by_one(model, tokenizer, data, max_len, labels):
+    """→ (right, n): how many test sentences of the jsonl `data` the classifier's largest logit
+    labels as their `scenario`, each sentence run alone (no batch, no padding, no sorting by
+    length), in eval mode; counted here, in Python, apart from minibert's predict and metrics."""
+    model.eval()
+    right = n = 0
+    with torch.no_grad():
+        for record in map(json.loads, data.read_text().splitlines()):
+            if record["partition"] == "test":
+                input_ids, attention_mask = tokenizer([record["utt"]], max_len=max_len)
+                scores = model(input_ids, attention_mask)[0].tolist()
+                right += labels[scores.index(max(scores))] == record["scenario"]
+                n += 1
+    return right, n
+
+
 def test_evaluate_reproduces_the_recorded_accuracy(finished_run, small_massive, capsys):
+    """The accuracy train.py recorded and the one evaluate.py measures again are the count of
+    test sentences the saved model gets right, counted here one sentence at a time."""
+    from minibert.runs import load_run
+
     evaluate.main([str(finished_run), "--split", "test", "--data", str(small_massive)])
-    recorded = read_json(finished_run / "results.json")["test"]["accuracy"]
-    assert read_json(finished_run / "eval-test.json")["accuracy"] == recorded
+    model, tokenizer, meta = load_run(finished_run)
+    right, n = right_one_by_one(model, tokenizer, small_massive, meta["max_len"], meta["labels"])
+    assert n == 48
+    # Both figures are float32 means of 0s and 1s: within 1e-7 of right / n, while one sentence
+    # more or less right moves them by 1 / 48 = 0.02.
+    for record in (read_json(finished_run / "results.json")["test"], read_json(finished_run / "eval-test.json")):
+        assert abs(record["accuracy"] - right / n) < 1e-6
     assert "most_confused" in read_json(finished_run / "eval-test.json")
     evaluate.main([str(finished_run), "--predict", "wake me up at seven"])
     label, probability = capsys.readouterr().out.strip().splitlines()[-1].split()
@@ -131,9 +157,26 @@ def test_evaluate_reproduces_the_recorded_accuracy(finished_run, small_massive, 
 
 
 def test_zero_shot_lands_near_chance(small_massive, minilm_dir, tmp_path):
+    """The zero-shot accuracy is what the untrained classifier, rebuilt here from the same seed,
+    gets right counted one sentence at a time; and that count is chance's."""
+    from minibert.classifier import ScenarioClassifier
+    from minibert.data import SCENARIOS
+    from minibert.weights import load_pretrained
+
     evaluate.main(["--zero-shot", "--model", "all-MiniLM-L6-v2", "--data", str(small_massive), "--out", str(tmp_path)])
     results = read_json(tmp_path / "results.json")
-    assert results["experiment"] == "zeroshot" and results["test"]["accuracy"] < 0.3
+    assert results["experiment"] == "zeroshot"
+    recipe = results["hyperparameters"]
+    torch.manual_seed(recipe["seed"])  # then the same draws as evaluate.py: the encoder, then the head
+    encoder, tokenizer, _ = load_pretrained("all-MiniLM-L6-v2")
+    model = ScenarioClassifier(encoder, len(SCENARIOS), recipe["hidden_dim"], recipe["drop_rate"],
+                               pooling=recipe["pooling"])
+    right, n = right_one_by_one(model, tokenizer, small_massive, recipe["max_len"], SCENARIOS)
+    assert n == 48 and abs(results["test"]["accuracy"] - right / n) < 1e-6  # float32 mean; 1/48 a sentence
+    # Guesses unrelated to the sentence are right with probability 1/18 each: the count right is
+    # Binomial(48, 1/18), mean 2.7, and P(count ≤ 8) = 0.9988 (a one-sided 99.9 % bound; the
+    # lower end of the two-sided interval is 0, with P(count = 0) = 0.064).
+    assert right <= 8
 
 
 def test_existing_run_is_not_overwritten(finished_run, small_massive):
@@ -267,11 +310,20 @@ def torchrun(*argv):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("stage2, extra", [("finetune", []), ("probe", []), ("finetune", ["--supervise", "both"])])
+@pytest.mark.parametrize("stage2, extra", [
+    ("finetune", []), ("probe", []), ("finetune", ["--supervise", "both"]),
+    # R-Drop's KL is a sum over the batch: each process must scale its share like the loss's.
+    ("finetune", ["--supervise", "intents", "--rdrop", "4", "--drop-rate", "0.5"]),
+], ids=["finetune", "probe", "supervise-both", "intents-rdrop"])
 def test_two_processes_compute_one_process_gradient(stage2, extra, tiny_model, small_massive, tmp_path):
     """A ragged batch of 5 shared 3 + 2: the gradient two processes apply (DDP's average of
     each process's) is the one-process gradient of the batch's mean loss, for the whole
-    classifier and for a probe's head alone."""
+    classifier and for a probe's head alone (tests/one_step.py keys the head's dropout masks to
+    the sentences, so one process and two drop the same units)."""
+    check_two_processes_compute_one_process_gradient(stage2, extra, tiny_model, small_massive, tmp_path)
+
+
+def check_two_processes_compute_one_process_gradient(stage2, extra, tiny_model, small_massive, tmp_path):
     from safetensors.torch import load_file
 
     common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--drop-rate", "0",
@@ -452,30 +504,57 @@ def test_runs_side_by_side_share_the_cores_unless_told(monkeypatch):
             threads_per_run(2, {"OMP_NUM_THREADS": bad})
 
 
+def tiny(data, out, *extra):
+    """A run of the tiny reference BERT as stored (dropout 0.1 inside): seconds where the real
+    model takes a minute, with every precision path the same."""
+    return ["--model", str(REFERENCE / "tiny_odd"), "--max-len", "16", "--data", str(data), "--out", str(out),
+            "--log-every", "2", *extra]
+
+
+def history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_recorded_dev_is_fp32(run, data):
+    """The recorded dev figures are fp32 ones: exactly what an fp32 evaluation of the saved model gives."""
+    evaluate.main([str(run), "--split", "dev", "--data", str(data)])
+    again, recorded = read_json(run / "eval-dev.json"), read_json(run / "results.json")["dev"]
+    assert (again["loss"], again["accuracy"]) == (recorded["loss"], recorded["accuracy"])
+
+
+# Mixed precision against fp32, on the same batches and dropout masks, where training moves the
+# loss far enough for a difference to mean something: 3 epochs at a rate of 1e-2 take the tiny
+# model's fp32 train loss from 2.51 to 2.24. Each epoch's train loss is compared. bf16 keeps 8
+# bits of mantissa (relative rounding 2^-8 ≈ 0.4 %, 0.01 on these losses per operation), and at
+# this rate the rounding of 18 steps moves the trajectory by up to 0.013 (measured); fp16 keeps 11
+# bits (measured: 1e-4), and its GradScaler, starting at a scale of 2^16, would skip the steps
+# whose gradients overflow while it backs off (none here). The tolerance, 0.05, leaves room for
+# other kernels' rounding, while a run whose optimizer never steps stays at 2.86 and misses by
+# 0.34 or more, 7 times the tolerance. Dev and test losses are left out: bf16 moves the end point
+# of 18 steps at this rate by up to 0.03 on 48 sentences (measured).
+MIXED_RECIPE = ["--epochs", "3", "--lr", "1e-2", "--drop-rate", "0.1", "--hidden-dim", "64"]
+MIXED_TOLERANCE = 0.05
+
+
 @pytest.fixture(scope="module")
-def fp32_epoch(small_massive, minilm_dir, tmp_path_factory):
-    return train.main(args(small_massive, tmp_path_factory.mktemp("fp32") / "run", "--epochs", "1"))
+def fp32_reference(small_massive, tmp_path_factory):
+    return train.main(tiny(small_massive, tmp_path_factory.mktemp("fp32") / "run", *MIXED_RECIPE))
 
 
-# Mixed precision against fp32, one epoch of the same batches and dropout masks. bf16 keeps 8
-# bits of mantissa (relative rounding 2^-8 ≈ 0.4 %, about 0.01 on a loss near ln 18 ≈ 2.9);
-# measured: 7e-4 on the train loss, 4e-4 on dev. fp16 is compared more loosely: GradScaler
-# starts at a scale of 2^16 and skips the steps whose gradients overflow while it backs off,
-# and 6 steps are too few to catch up (measured: 0.02-0.03).
-@pytest.mark.parametrize("precision, tolerance", [("bf16", 0.01), ("fp16", 0.05)])
-def test_mixed_precision_trains_like_fp32(precision, tolerance, fp32_epoch, small_massive, tmp_path):
-    run = train.main(args(small_massive, tmp_path, "--epochs", "1", "--precision", precision))
-    mixed, full = read_json(run / "results.json"), read_json(fp32_epoch / "results.json")
-    assert mixed["precision"] == precision and mixed["eval_precision"] == "fp32"
-    (mixed_row,), (full_row,) = (list(map(json.loads, (r / "metrics.jsonl").read_text().splitlines()))
-                                 for r in (run, fp32_epoch))
-    assert mixed_row["train_loss"] == pytest.approx(full_row["train_loss"], abs=tolerance)
-    assert mixed["dev"]["loss"] == pytest.approx(full["dev"]["loss"], abs=tolerance)
-    assert mixed["test"]["loss"] == pytest.approx(full["test"]["loss"], abs=tolerance)
-    # The recorded dev figures are fp32 ones: exactly what an fp32 evaluation of the saved model gives.
-    evaluate.main([str(run), "--split", "dev", "--data", str(small_massive)])
-    again = read_json(run / "eval-dev.json")
-    assert (again["loss"], again["accuracy"]) == (mixed["dev"]["loss"], mixed["dev"]["accuracy"])
+def check_trains_like_fp32(mixed, full, tolerance):
+    ours, reference = [row["train_loss"] for row in history(mixed)], [row["train_loss"] for row in history(full)]
+    assert reference[0] - reference[-1] > 0.2, "fp32 must move the loss for the comparison to mean anything"
+    for epoch, (a, b) in enumerate(zip(ours, reference, strict=True), start=1):
+        assert a == pytest.approx(b, abs=tolerance), f"epoch {epoch}: train loss {a:.4f}, fp32 {b:.4f}"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_like_fp32(precision, fp32_reference, small_massive, tmp_path):
+    run = train.main(tiny(small_massive, tmp_path, *MIXED_RECIPE, "--precision", precision))
+    results = read_json(run / "results.json")
+    assert results["precision"] == precision and results["eval_precision"] == "fp32"
+    check_trains_like_fp32(run, fp32_reference, MIXED_TOLERANCE)
+    check_recorded_dev_is_fp32(run, small_massive)
 
 
 def test_gradient_clipping_bounds_every_step(small_massive, minilm_dir, tmp_path, monkeypatch):
@@ -542,18 +621,50 @@ def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):
     assert out.name == "best-s0" and parsed.experiment == "best" and parsed.bucket is False
 
 
-def test_select_dev_best_keeps_that_epoch(finished_run, small_massive, tmp_path):
-    """--select dev-best keeps the weights of the epoch with the best dev accuracy (the first of
-    equals) and records its figures apart; `test` stays the paper's last epoch."""
-    run = train.main(args(small_massive, tmp_path / "best", "--select", "dev-best"))
-    results, last = read_json(run / "results.json"), read_json(finished_run / "results.json")
-    per_epoch = results["dev_accuracy_per_epoch"]
-    assert results["dev_best"]["epoch"] == 1 + per_epoch.index(max(per_epoch))
-    assert results["dev_best"]["dev"]["accuracy"] == max(per_epoch)
-    assert (results["test"], per_epoch) == (last["test"], last["dev_accuracy_per_epoch"])  # the same training
-    evaluate.main([str(run), "--split", "dev", "--data", str(small_massive)])  # the saved weights are the kept ones
+DEV_CURVE = [0.30, 0.60, 0.40, 0.50]  # a clear best at epoch 2: neither the first nor the last
+
+
+def run_with_dev_curve(data, out, monkeypatch, *extra):
+    """A 4-epoch run whose per-epoch dev accuracies read DEV_CURVE (the evaluation itself is real;
+    only the accuracy it reports to the selection is scripted) → (run folder, the weights after
+    each epoch)."""
+    real_evaluate, real_end = train.evaluate, train.end_of_epoch
+    calls, weights = [], []
+
+    def scripted(*a, **k):
+        metrics = real_evaluate(*a, **k)
+        calls.append(1)
+        return {**metrics, "accuracy": DEV_CURVE[len(calls) - 1]} if len(calls) <= len(DEV_CURVE) else metrics
+
+    def end_and_snapshot(run, *a):
+        real_end(run, *a)
+        weights.append({k: v.clone() for k, v in run.model.state_dict().items()})
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    monkeypatch.setattr(train, "end_of_epoch", end_and_snapshot)
+    run = train.main(tiny(data, out, "--epochs", str(len(DEV_CURVE)), "--lr", "1e-3", *extra))
+    return run, weights
+
+
+def check_dev_best_kept_epoch_two(run, weights, data):
+    from safetensors.torch import load_file
+
+    results = read_json(run / "results.json")
+    assert results["dev_accuracy_per_epoch"] == DEV_CURVE
+    assert results["dev_best"]["epoch"] == 2, f"kept epoch {results['dev_best']['epoch']}, the best is 2"
+    saved = load_file(run / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in weights[1].items()), "the saved weights are not epoch 2's"
+    assert not all(torch.equal(saved[k], v) for k, v in weights[-1].items())  # the curve's epochs differ
+    evaluate.main([str(run), "--split", "dev", "--data", str(data)])  # its figures are those weights' own
     assert read_json(run / "eval-dev.json")["loss"] == results["dev_best"]["dev"]["loss"]
     assert not (run / "dev-best.safetensors").exists()
+
+
+def test_select_dev_best_keeps_that_epoch(small_massive, tmp_path, monkeypatch):
+    """--select dev-best keeps the weights of the epoch with the best dev accuracy and records its
+    figures apart; `test` stays the last epoch's, as the paper reports."""
+    run, weights = run_with_dev_curve(small_massive, tmp_path / "best", monkeypatch, "--select", "dev-best")
+    check_dev_best_kept_epoch_two(run, weights, small_massive)
 
 
 def copy_records(folder, to):
