@@ -46,8 +46,9 @@ reference: install
 # A finished run is reused; an interrupted one resumes from its last epoch.
 # FLAGS: more train.py flags for every run, e.g. FLAGS=--no-fast (a GPU's eager loop) or FLAGS=--bucket.
 RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --resume $(FLAGS)
-EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr best lora20-tuned lora30-tuned \
-	simclr-swa-cosine supcon-swa-cosine
+# The presets of minibert/experiments.py, in its order (a test holds the two lists equal).
+EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr simclr-swa-cosine supcon-swa-cosine \
+	search best lora20-tuned lora30-tuned
 
 .PHONY: zeroshot $(EXPERIMENTS) paper best-seeds lora-seeds bucketing precision readme-results tune bench bench-gpu
 zeroshot: install data
@@ -62,7 +63,7 @@ $(EXPERIMENTS): install data
 SEEDS ?= 3
 JOBS  ?= 2
 PAPER_DIR = results/paper/$(MODEL)-e$(EPOCHS)
-SEEDS_RUN = $(PY) -m minibert.paper --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS) \
+SEEDS_RUN = $(PY) -m lab.paper --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS) \
 	$(if $(FLAGS),--flags="$(FLAGS)")
 paper: install data
 	$(SEEDS_RUN) $(PAPER_DIR)
@@ -79,7 +80,7 @@ BUCKETING = results/bucketing/$(MODEL)-e$(EPOCHS)
 bucketing: install data
 	$(SEEDS_RUN) $(BUCKETING)-bucketed --rows baseline --flags=--bucket
 	$(SEEDS_RUN) $(BUCKETING)-unbucketed --rows best --flags=--no-bucket
-	$(PY) -m minibert.report $(PAPER_DIR) results/best/$(MODEL)-e$(EPOCHS) $(BUCKETING)-bucketed \
+	$(PY) -m lab.report $(PAPER_DIR) results/best/$(MODEL)-e$(EPOCHS) $(BUCKETING)-bucketed \
 		$(BUCKETING)-unbucketed --by bucket --out $(BUCKETING).md
 
 # Does bf16 autocast move accuracy? baseline and best, SEEDS seeds, 2 epochs, in fp32 and bf16
@@ -90,7 +91,7 @@ precision: install data
 
 # The README's results section, regenerated from the committed records.
 readme-results: install
-	$(PY) -m minibert.report $(PAPER_DIR) --readme README.md
+	$(PY) -m lab.report $(PAPER_DIR) --readme README.md
 
 # Choose the `best` preset on the dev split alone (the test split is never evaluated): every
 # lever alone on BASE at TUNE_EPOCHS, or CANDIDATES="base swa supervise-both+swa" (levers joined by +).
@@ -98,13 +99,13 @@ BASE        ?= search
 TUNE_EPOCHS ?= 3
 CANDIDATES  ?=
 tune: install data
-	$(PY) -m minibert.tune results/tune/$(MODEL)-$(BASE)-e$(TUNE_EPOCHS) --base $(BASE) --model $(MODEL) \
+	$(PY) -m lab.tune results/tune/$(MODEL)-$(BASE)-e$(TUNE_EPOCHS) --base $(BASE) --model $(MODEL) \
 		--epochs $(TUNE_EPOCHS) --device $(DEVICE) --jobs $(JOBS) $(if $(CANDIDATES),--candidates $(CANDIDATES))
 
 # Training and evaluation speed against transformers, side by side in one process.
 bench: install data
-	$(PY) bench/speed.py
+	$(PY) lab/speed.py
 # The same on a CUDA GPU: bert-base shapes, random weights; transformers compiled, peft LoRA, minibert
 # eager and fast (CUDA graph).
 bench-gpu: install
-	$(PY) bench/gpu.py
+	$(PY) lab/gpu.py

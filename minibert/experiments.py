@@ -241,6 +241,10 @@ PRESETS = {
     "lora30-tuned": _base.override(experiment="lora30-tuned", lora_r=30, **{**LORA_LEVERS, "lora_alpha": 60.0}),
 }
 
+# The paper's experiments 2-9, in its table's order (experiment 1, zero-shot, trains nothing:
+# evaluate.py --zero-shot). Every other preset is beyond the paper.
+PAPER = ("baseline", "scheduler", "swa", "both", "lora20", "lora30", "supcon", "simclr")
+
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 

@@ -15,7 +15,7 @@ import pytest
 
 import evaluate
 import train
-from minibert import paper, tune
+from lab import paper, tune
 from minibert.classifier import ScenarioClassifier
 from minibert.experiments import FIELDS, MAX_SEED, PRESETS, TrainConfig, flag
 from minibert.runs import read_json
@@ -385,7 +385,8 @@ def test_a_warmup_longer_than_the_run_is_refused(tiny_model, small_massive, tmp_
               "--epochs", "3"]
     for flags, warmup in ((["--scheduler", "linear", "--warmup-steps", "19"], 19),
                           (["--scheduler", "cosine", "--warmup-steps", "100"], 100)):
-        with pytest.raises(SystemExit, match=rf"^train.py: --warmup-steps {warmup}: more than the run's 18 optimizer "
-                                             r"steps \(3 epochs of 6\), so the rate would never decay; pass at most 18$"):
+        expected = (rf"^train.py: --warmup-steps {warmup}: more than the run's 18 optimizer steps \(3 epochs of 6\), "
+                    r"so the rate would never decay; pass at most 18$")
+        with pytest.raises(SystemExit, match=expected):
             train.main([*common, *flags])
         assert not out.exists()

@@ -5,7 +5,7 @@ The run is an untrained classifier on the tiny reference model: its guesses are 
 all these checks need (several labels, plenty of mistakes). Nothing here trains.
 
 The per-label figures, the mistakes most made and the CSV records are also checked on a
-hand-made case against plain Python counting, and the JSON of `python -m minibert.report --by`
+hand-made case against plain Python counting, and the JSON of `python -m lab.report --by`
 against the committed one and the sample standard deviation by hand; each such check is a small
 function that test_planted_bugs_evaluation.py shows failing for a real bug."""
 
@@ -25,12 +25,13 @@ import torch
 
 import evaluate
 import train
-from minibert import evaluation, report
-from minibert.agreement import agreement
-from minibert.agreement import main as agreement_main
+from lab import report
+from minibert import evaluation
+from lab.agreement import agreement
+from lab.agreement import main as agreement_main
 from minibert.classifier import ScenarioClassifier
 from minibert.data import SCENARIOS, Example, encode, load_massive
-from minibert.embeddings import embed
+from minibert.representations import embed
 from minibert.evaluation import accuracy_interval, confusion_matrix, label_metrics
 from minibert.experiments import TrainConfig
 from minibert.runs import read_json

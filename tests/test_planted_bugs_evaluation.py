@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from minibert import data, embeddings, evaluation, report
+from lab import report
+from minibert import data, evaluation, representations
 from tests.test_data import check_label_order
-from tests.test_embeddings import MEASURE_TOL, PCA_TOL, alignment_error, pca_error, uniformity_error
+from tests.test_representations import MEASURE_TOL, PCA_TOL, alignment_error, pca_error, uniformity_error
 from tests.test_evaluate import (PER_LABEL_TOL, PROBABILITY_TOL, REPORT_TOL, bucketing_json_error,
                                  bucketing_std_error, check_confused_pairs, check_confusion_csv,
                                  per_label_accuracy_error, probability_error)
@@ -77,7 +78,7 @@ def uniformity_log_sum(z, t=2):
 
 
 def test_uniformity_check_catches_a_sum(monkeypatch):
-    monkeypatch.setattr(embeddings, "uniformity", uniformity_log_sum)
+    monkeypatch.setattr(representations, "uniformity", uniformity_log_sum)
     assert uniformity_error() > MEASURE_TOL
 
 
@@ -88,7 +89,7 @@ def pca_uncentred(z):
 
 
 def test_pca_check_catches_no_centring(monkeypatch):
-    monkeypatch.setattr(embeddings, "pca_2d", pca_uncentred)
+    monkeypatch.setattr(representations, "pca_2d", pca_uncentred)
     assert pca_error() > PCA_TOL
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import evaluate
 import train
-from minibert import runs, tune
+from lab import tune
+from minibert import runs
 from minibert.experiments import FIELDS, MAX_SEED, TrainConfig
 from tests import test_bad_input, test_faults
 from tests.test_bad_input import (BAD_COMBINATIONS, BAD_NUMBERS, FINISHED, nothing_loads,  # a fixture, by name

@@ -1,6 +1,6 @@
 """The warmup schedules, SWA and LoRA equal their references: transformers'
-get_linear_schedule_with_warmup and get_cosine_schedule_with_warmup, torch.optim.swa_utils, and peft. Each stored comparison is a
-small function with its tolerance beside it; test_planted_bugs.py shows each fails for a real bug."""
+get_linear_schedule_with_warmup and get_cosine_schedule_with_warmup, torch.optim.swa_utils, and
+peft. Each stored comparison is a small function with its tolerance beside it; test_planted_bugs.py shows each fails for a real bug."""
 
 import pytest
 import torch
@@ -22,7 +22,8 @@ SCHEDULE_TOL = 1e-12
 
 def schedule_error(kind="linear"):
     """Largest |difference| between our multiplier and the stored transformers schedule."""
-    stored = load_file(cases.REFERENCE / ("schedule.safetensors" if kind == "linear" else "cosine_schedule.safetensors"))
+    name = "schedule" if kind == "linear" else "cosine_schedule"
+    stored = load_file(cases.REFERENCE / f"{name}.safetensors")
     multiplier = {"linear": schedule.linear_warmup, "cosine": schedule.cosine_warmup}[kind]
     worst = 0.0
     for warmup, total in cases.SCHEDULES:

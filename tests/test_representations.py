@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minibert import embeddings
-from minibert.embeddings import alignment, knn_accuracy, pca_2d, uniformity
+from minibert import representations
+from minibert.representations import alignment, knn_accuracy, pca_2d, uniformity
 
 # The measures run in float32 on unit vectors: a mean of squared distances (at most 4) is off
 # the float64 loops by a few float32 ulps (measured: 1e-8 and 3e-8). The bugs move them far more:
@@ -49,7 +49,7 @@ def alignment_error():
     pairs = [squared_distance(unit[i], unit[j]) for i in range(len(unit)) for j in range(len(unit))
              if i != j and labels[i] == labels[j]]
     by_hand = sum(pairs) / len(pairs)
-    return abs(embeddings.alignment(z, labels) - by_hand) / by_hand
+    return abs(representations.alignment(z, labels) - by_hand) / by_hand
 
 
 def uniformity_error():
@@ -58,7 +58,7 @@ def uniformity_error():
     z, _ = spread_classes()
     unit = unit_rows(z)
     terms = [math.exp(-2 * squared_distance(unit[i], unit[j])) for i in range(len(unit)) for j in range(i)]
-    return abs(embeddings.uniformity(z) - math.log(sum(terms) / len(terms)))
+    return abs(representations.uniformity(z) - math.log(sum(terms) / len(terms)))
 
 
 def offset_cloud():
@@ -78,7 +78,7 @@ def pca_error():
     centred = x - x.mean(0)
     _, eigenvectors = np.linalg.eigh(centred.T @ centred / (len(x) - 1))  # ascending
     expected = centred @ eigenvectors[:, [-1, -2]]  # (N, 2)
-    points = embeddings.pca_2d(z).double().numpy()
+    points = representations.pca_2d(z).double().numpy()
     signs = np.sign((points * expected).sum(0))  # an eigenvector's sign is arbitrary
     return np.abs(points * signs - expected).max() / np.abs(expected).max()
 

@@ -1,7 +1,7 @@
 """Training and evaluation speed of minibert against transformers, measured side by side.
 
-    python bench/speed.py                      # CPU: all-MiniLM-L6-v2 on real MASSIVE batches
-    python bench/speed.py --steps 15 --rounds 3 --precision fp32 bf16
+    python -m lab.speed                      # CPU: all-MiniLM-L6-v2 on real MASSIVE batches
+    python -m lab.speed --steps 15 --rounds 3 --precision fp32 bf16
 
 Every system trains the paper's classifier (the [CLS] vector, dropout, the 10-unit head) on the
 same MASSIVE train batches, batch 16, at most 20 word-pieces, each batch padded to its longest
@@ -18,19 +18,16 @@ beside the machine's matmul peak measured here, so the distance to the limit sho
 """
 
 import argparse
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minibert.classifier import ScenarioClassifier  # noqa: E402
-from minibert.data import batch_order, encode, load_massive  # noqa: E402
-from minibert.weights import load_pretrained, resolve  # noqa: E402
+from minibert.classifier import ScenarioClassifier
+from minibert.data import batch_order, encode, load_massive
+from minibert.weights import load_pretrained, resolve
 
 
 class TransformersClassifier(nn.Module):

@@ -1,6 +1,6 @@
 """Do runs of one recipe make the same mistakes? Per-run accuracy, the ensemble, the shared errors.
 
-    python -m minibert.agreement results/best/all-MiniLM-L6-v2-e10/best-s* --split dev [--show 20]
+    python -m lab.agreement results/best/all-MiniLM-L6-v2-e10/best-s* --split dev [--show 20]
 
 Each run classifies the split. Printed: each run's accuracy; the ensemble that averages their
 probabilities, and the majority vote; how many sentences exactly k of the n runs get wrong. When
@@ -14,15 +14,15 @@ import sys
 
 import torch
 
-from .cli import Parser
-from .data import encode, load_massive
-from .evaluation import accuracy_interval, predict
-from .fetch import DownloadError
-from .runs import load_run, write_json
+from minibert.cli import Parser
+from minibert.data import encode, load_massive
+from minibert.evaluation import accuracy_interval, predict
+from minibert.fetch import DownloadError
+from minibert.runs import load_run, write_json
 
 
 def parse_args(argv=None):
-    p = Parser(prog="python -m minibert.agreement", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m lab.agreement", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by train.py (two or more)")
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="the split to classify (default dev)")
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
@@ -72,7 +72,7 @@ def main(argv=None):
     try:
         run(args)
     except (ValueError, DownloadError, OSError) as e:
-        sys.exit(f"python -m minibert.agreement: {e}")
+        sys.exit(f"python -m lab.agreement: {e}")
 
 
 def run(args):

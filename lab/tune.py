@@ -1,9 +1,9 @@
 """Choose the `best` preset on the dev split alone.
 
-    python -m minibert.tune results/tune/all-MiniLM-L6-v2-search-e3 --model all-MiniLM-L6-v2 --epochs 3 --jobs 2
-    python -m minibert.tune results/tune/all-MiniLM-L6-v2-search-e10 --epochs 10 \
+    python -m lab.tune results/tune/all-MiniLM-L6-v2-search-e3 --model all-MiniLM-L6-v2 --epochs 3 --jobs 2
+    python -m lab.tune results/tune/all-MiniLM-L6-v2-search-e10 --epochs 10 \
         --candidates base swa supervise-both+swa
-    python -m minibert.tune results/tune/lora20-e3 --base lora20 --candidates base lora-alpha-40 lr-1e-3
+    python -m lab.tune results/tune/lora20-e3 --base lora20 --candidates base lora-alpha-40 lr-1e-3
 
 A candidate is the `search` preset (or --base PRESET) with levers pulled: one lever (the screen),
 or several joined by "+". Each trains with `train.py --no-test`, so the test split is never
@@ -18,12 +18,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from .cli import Parser
-from .evaluation import accuracy_interval
-from .experiments import MAX_SEED, PRESETS, as_recorded, flag
-from .fetch import DownloadError
-from .paper import run_all
-from .weights import resolve
+from minibert.cli import Parser
+from minibert.evaluation import accuracy_interval
+from minibert.experiments import MAX_SEED, PRESETS, as_recorded, flag
+from minibert.fetch import DownloadError
+from lab.paper import run_all
+from minibert.weights import resolve
 
 # Each lever: the TrainConfig fields it changes from the base preset (`search`: drop 0.1 on [CLS],
 # head 256, linear schedule with 6% warmup, lr 1e-4, bucketed batches). "base" changes nothing.
@@ -146,7 +146,7 @@ def dev_table(rows, epochs):
 
 
 def main(argv=None):
-    p = Parser(prog="python -m minibert.tune", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m lab.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="where the run folders, dev.md and tune.json go")
     p.add_argument("--model", default="auto")
     p.add_argument("--epochs", type=int, default=3)
@@ -169,13 +169,13 @@ def main(argv=None):
         failed = run_all(todo, args.jobs)
         rows = ranking(args.folder, args.base, args.epochs)
     except (ValueError, DownloadError) as e:
-        sys.exit(f"python -m minibert.tune: {e}")
+        sys.exit(f"python -m lab.tune: {e}")
     folder = Path(args.folder)
     (folder / "tune.json").write_text(json.dumps(rows, indent=2) + "\n")
     (folder / "dev.md").write_text(dev_table(rows, args.epochs))
     print(dev_table(rows, args.epochs) + f"wrote {folder / 'dev.md'} and {folder / 'tune.json'}")
     if failed:
-        sys.exit(f"python -m minibert.tune: {failed} of {len(todo)} runs failed; see their train.log")
+        sys.exit(f"python -m lab.tune: {failed} of {len(todo)} runs failed; see their train.log")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """GPU training and evaluation speed: minibert's eager and fast paths against transformers' best
 mode and peft's LoRA, in one process, on one GPU.
 
-    python bench/gpu.py                 # bert-base-uncased's shapes, random weights, batch 16, length 20
-    python bench/gpu.py --steps 50 --rounds 5
+    python -m lab.gpu                 # bert-base-uncased's shapes, random weights, batch 16, length 20
+    python -m lab.gpu --steps 50 --rounds 5
 
 Every system trains the paper's classifier (the [CLS] vector, dropout 0.9, the 10-unit head) on
 the same batches: 16 sentences of random word-pieces, each 5 to 20 long, padded to 20, in bf16
@@ -27,17 +27,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minibert.classifier import ScenarioClassifier  # noqa: E402
-from minibert.fast import Replay  # noqa: E402
-from minibert.lora import apply_lora  # noqa: E402
-from minibert.model import BertConfig, BertModel  # noqa: E402
+from minibert.classifier import ScenarioClassifier
+from minibert.fast import Replay
+from minibert.lora import apply_lora
+from minibert.model import BertConfig, BertModel
 
 N_LABELS = 18
 
@@ -190,7 +188,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/gpu.py: no CUDA GPU here; --device cpu --tiny checks the script on the CPU")
+        sys.exit("lab/gpu.py: no CUDA GPU here; --device cpu --tiny checks the script on the CPU")
     config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) \
         if args.tiny else BertConfig()  # BertConfig's defaults are bert-base-uncased's
     compile_ok = not args.no_compile

@@ -1,6 +1,6 @@
 """The paper's table: every experiment for several seeds, then the report.
 
-    python -m minibert.paper results/paper/all-MiniLM-L6-v2-e10 --model all-MiniLM-L6-v2 --epochs 10 --seeds 3
+    python -m lab.paper results/paper/all-MiniLM-L6-v2-e10 --model all-MiniLM-L6-v2 --epochs 10 --seeds 3
 
 Seed 0 of every row runs first (a whole table), then the other seeds. A finished run is kept, an
 interrupted one resumes from its last epoch. With --jobs N, N runs go side by side, the CPU's
@@ -15,14 +15,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import report
-from .cli import Parser
-from .experiments import PRESETS
-from .fetch import DownloadError
-from .weights import resolve
+from lab import report
+from minibert.cli import Parser
+from minibert.experiments import PAPER, PRESETS
+from minibert.fetch import DownloadError
+from minibert.weights import resolve
 
-ROWS = ["zeroshot", "baseline", "scheduler", "swa", "both", "lora20", "lora30", "supcon", "simclr"]
-BEYOND = ["best", "lora20-tuned", "lora30-tuned", "simclr-swa-cosine", "supcon-swa-cosine"]  # presets beyond the paper, run with --rows
+ROWS = ["zeroshot", *PAPER]
+BEYOND = [name for name in PRESETS if name not in PAPER]  # presets beyond the paper, run with --rows
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,7 +77,7 @@ def run_one(out, argv, threads):
 
 
 def main(argv=None):
-    p = Parser(prog="python -m minibert.paper", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m lab.paper", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="where the run folders go")
     p.add_argument("--model", default="auto")
     p.add_argument("--epochs", type=int, default=10)
@@ -93,12 +93,12 @@ def main(argv=None):
     try:  # decided and fetched once, so that every run trains the same model
         model, _ = resolve(args.model)
     except (ValueError, DownloadError) as e:
-        sys.exit(f"python -m minibert.paper: {e}")
+        sys.exit(f"python -m lab.paper: {e}")
     todo = commands(args.folder, model, args.epochs, args.seeds, args.device, args.rows, shlex.split(args.flags))
     failed = run_all(todo, args.jobs)
     report.main([args.folder])
     if failed:
-        sys.exit(f"python -m minibert.paper: {failed} of {len(todo)} runs failed; see their train.log")
+        sys.exit(f"python -m lab.paper: {failed} of {len(todo)} runs failed; see their train.log")
 
 
 def run_all(todo, jobs):
