@@ -16,7 +16,7 @@ import torch
 from minibert.classifier import ScenarioClassifier
 from minibert.cli import Parser
 from minibert.data import encode, load_massive
-from minibert.embeddings import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
+from minibert.representations import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
 from minibert.experiments import CHOICES, MAX_SEED, TrainConfig
