@@ -8,13 +8,13 @@ A preset (minibert/experiments.py) fixes the paper's hyperparameters; every flag
 Records go to runs/<experiment>-<model>-s<seed>/ (see minibert/runs.py).
 
 The script reads in three parts: setup() builds the run (or restores it from its checkpoint),
-train_epoch() is the loop, finish() evaluates and writes the records.
+train_epoch() is the loop (forward, loss, backward, clip, step, schedule, log), finish()
+evaluates and writes the records.
 """
 
 import argparse
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -30,82 +30,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from minibert.classifier import ContrastiveModel, ScenarioClassifier
+from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.cli import Parser
 from minibert.data import batch_order, encode, load_massive, to_device
 from minibert.evaluation import contrastive_metrics, evaluate
-from minibert.experiments import CHOICES, FIELDS, PRESETS, TrainConfig, as_recorded
+from minibert.experiments import CHOICES, FIELDS, FLAGS, PRESETS, TrainConfig
 from minibert.fast import EpochBatches, Replay
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
-from minibert.losses import supcon_loss, symmetric_kl
-from minibert.model import count_parameters
-from minibert.runs import (FORMAT, WriteError, checkpoint_state, device_name, load_checkpoint, load_into,
-                           load_tensors, peak_memory, pick_device, read_json, save_checkpoint, save_tensors,
-                           save_tokenizer, trainable_state, write_json, write_jsonl)
-from minibert.schedule import cosine_warmup, layer_scales, linear_warmup, warmup_steps
-from minibert.swa import WeightAverage, swa_lr
+from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
+from minibert.runs import (WriteError, check_run_dir, check_same_config, checkpoint_state, device_name,
+                           load_checkpoint, load_into, load_tensors, parameter_counts, peak_memory, pick_device,
+                           save_checkpoint, save_model, save_tensors, trainable_state, write_jsonl, write_results)
+from minibert.schedule import averages_after, learning_rate
+from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
 from minibert.weights import load_pretrained, read_config
 
-FLAG_HELP = {
-    "model": "auto (bert-base-uncased, else the embedded all-MiniLM-L6-v2), a model name, or a folder",
-    "labels": "scenario (18 classes, the paper) or intent (60)",
-    "epochs": "training epochs",
-    "lr": "peak learning rate of AdamW",
-    "batch_size": "sentences per optimizer step",
-    "drop_rate": "dropout on the sentence vector ([CLS], see --pooling) before the head",
-    "hidden_dim": "width of the head's hidden layer",
-    "max_len": "word-pieces per sentence, [CLS] and [SEP] included",
-    "adam_eps": "AdamW epsilon",
-    "weight_decay": "AdamW weight decay",
-    "seed": "seed for the head, the shuffle and dropout",
-    "bucket": "batch sentences of similar length together (less padding)",
-    "max_grad_norm": "clip the gradient norm to this; 0 turns clipping off",
-    "scheduler": "learning-rate schedule: constant, or linear warmup then linear or cosine decay to zero",
-    "warmup_steps": "linear and cosine schedules: warmup steps",
-    "warmup_ratio": "linear and cosine schedules: warmup as a fraction of all steps (instead of --warmup-steps)",
-    "swa": "stochastic weight averaging over the last epochs",
-    "swa_start": "SWA averages after every epoch past int(swa_start x epochs) (0-based), as torch's loop",
-    "swa_lr": "SWA: the rate annealed to",
-    "swa_anneal_epochs": "SWA: epochs to anneal over",
-    "swa_anneal": "SWA: annealing curve, cos or linear",
-    "lora_r": "LoRA rank; 0 fine-tunes every weight",
-    "lora_alpha": "LoRA: the update is scaled by alpha / r",
-    "lora_dropout": "LoRA: dropout on the adapter input",
-    "lora_targets": "LoRA: comma-separated names of the Linear modules to adapt",
-    "loss": "ce; or supcon / simclr for a contrastive stage 1 before the classifier",
-    "temperature": "contrastive: softmax temperature",
-    "contrastive_epochs": "contrastive: stage-1 epochs (-1: as many as --epochs)",
-    "stage2": "after the contrastive stage: finetune everything, or probe (frozen encoder)",
-    "select": "weights kept: the last epoch's (the paper), or dev-best: the epoch with the best dev accuracy",
-    "supervise": "train on the labels, on MASSIVE's 60 intents (a scenario's probability is the sum of its "
-                 "intents'), or on both losses added",
-    "contrastive_labels": "supcon: positives share a label, or share an intent",
-    "layer_decay": "layer-wise lr decay of the classifier stage: the head at lr, the top layer at lr x decay, "
-                   "each lower layer x decay again; 1 turns it off",
-    "rdrop": "R-Drop: weight of the symmetric KL between two dropout passes, per sentence (the R-Drop code's "
-             "alpha, which weighs the batch's sum, times the batch size); 0 turns it off",
-    "pooling": "what the head reads: the [CLS] vector (the paper), or mean: the mean of the sentence's word-pieces",
-}
-
 
 def parse_args(argv=None):
-    p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", choices=sorted(PRESETS), default="baseline",
-                   help="preset of the paper's hyperparameters; flags below override it")
-    for name, help in FLAG_HELP.items():
-        default = FIELDS[name].default
+                   help="preset of the paper's hyperparameters; flags below override it (default: baseline)")
+    for name in FLAGS:  # one flag per TrainConfig field, its help beside the field
+        default, help = FIELDS[name].default, FIELDS[name].metadata["help"]
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-        elif name in CHOICES:
-            p.add_argument(flag, choices=CHOICES[name], default=None, help=f"{help} (preset: {default})")
         else:
-            p.add_argument(flag, type=type(default), default=None, help=f"{help} (preset: {default})")
+            p.add_argument(flag, type=type(default), choices=CHOICES.get(name), default=None,
+                           help=f"{help} (preset: {default})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="auto: cuda, then mps, then cpu")
+                   help="auto (the default): cuda, then mps, then cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                    help="auto: bf16 autocast where the device runs bf16 matmuls natively (a GPU that supports "
                         "it; a CPU with AVX512-BF16 or AMX), else fp32. Default: bf16 on such a GPU, else fp32")
@@ -116,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<model>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: 100)")
     p.add_argument("--no-test", action="store_true",
                    help="never evaluate on the test split (for choosing hyperparameters on dev)")
     args = p.parse_args(argv)
@@ -124,6 +80,13 @@ def parse_args(argv=None):
         p.error(f"argument --log-every: must be at least 1, not {args.log_every}")
     return args
 
+
+def config_from(args):
+    """The preset, with every flag that was given in its place."""
+    return PRESETS[args.experiment].override(**{name: getattr(args, name) for name in FLAGS})
+
+
+# ---- processes, device and precision: decided once, here ---------------------------------------
 
 def world_size():
     """How many processes train: torchrun's WORLD_SIZE, 1 without it."""
@@ -263,7 +226,7 @@ def main(argv=None):
 # ---- setup --------------------------------------------------------------------------------------
 
 def setup(args):
-    config = PRESETS[args.experiment].override(**{k: getattr(args, k) for k in FLAG_HELP})
+    config = config_from(args)
     config.check(world_size())  # every flag, before anything heavy loads: a bad one costs a second
     if args.out:
         check_run_dir(Path(args.out), args.resume, config)
@@ -276,20 +239,7 @@ def setup(args):
     autocast, scaler = autocast_and_scaler(device, precision, fast)
 
     data = load_massive(args.data, labels=config.labels)
-    name = config.model
-    if world > 1:  # one process decides `auto` and fetches missing weights; the others take its word
-        chosen = [read_config(name)[0] if rank == 0 else None]
-        dist.broadcast_object_list(chosen)
-        name = chosen[0]
-    name, encoder_config = read_config(name)
-    config.check_model(encoder_config)  # the model's limits, before its weights load
-    torch.manual_seed(config.seed)
-    encoder, tokenizer, _ = load_pretrained(name)
-    if config.lora_r:
-        apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_list)
-    groups = data.intent_groups() if config.supervise != "labels" else None
-    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups, config.pooling)
-    contrastive = ContrastiveModel(encoder, config.drop_rate, config.pooling) if config.stage1_epochs else None
+    model, contrastive, tokenizer = build_models(config, data, rank, world)
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
     trained.to(device)
     # What the classifier's gradients flow through: the whole model, or the head alone for a
@@ -304,7 +254,7 @@ def setup(args):
         raise ValueError(f"the last batch holds {short} sentences, fewer than the {world} processes: pick a "
                          f"--batch-size that leaves none or at least {world} over from {len(splits['train'])}")
     config.check_steps(math.ceil(len(splits["train"]) / config.batch_size))
-    run_dir = Path(args.out or f"runs/{config.experiment}-{Path(encoder.name).name}-s{config.seed}")
+    run_dir = Path(args.out or f"runs/{config.experiment}-{Path(model.encoder.name).name}-s{config.seed}")
     if not args.out:  # --out was checked before anything loaded
         check_run_dir(run_dir, args.resume, config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -318,11 +268,33 @@ def setup(args):
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
     if args.resume and run.checkpoint.exists():
         restore(run)
-    run.log(f"{config.experiment}: {encoder.name}, {len(data.labels)} labels, {len(splits['train'])} train "
+    run.log(f"{config.experiment}: {model.encoder.name}, {len(data.labels)} labels, {len(splits['train'])} train "
             f"sentences, {run.steps_per_epoch} steps/epoch, {config.stage1_epochs} contrastive + {config.epochs} "
             f"classifier epochs, {device.type} {precision}" + (f", {world} processes" if world > 1 else "")
             + (", fast path" + (" (CUDA graph)" if device.type == "cuda" else " (eager)") if fast else ""))
     return run
+
+
+def build_models(config, data, rank, world):
+    """The pretrained encoder (with LoRA adapters where asked) under the paper's head, and, for a
+    contrastive run, under the projection head as well → (classifier, contrastive or None, tokenizer)."""
+    name = config.model
+    if world > 1:  # one process decides `auto` and fetches missing weights; the others take its word
+        chosen = [read_config(name)[0] if rank == 0 else None]
+        dist.broadcast_object_list(chosen)
+        name = chosen[0]
+    name, encoder_config = read_config(name)
+    config.check_model(encoder_config)  # the model's limits, before its weights load
+    torch.manual_seed(config.seed)
+    encoder, tokenizer, _ = load_pretrained(name)
+    if config.lora_r:
+        apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_list)
+    groups = data.intent_groups() if config.supervise != "labels" else None
+    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups, config.pooling)
+    # Stage 1's views drop config.drop_rate of the sentence vector before the projection head: the
+    # paper's Table 3 keeps its 0.9 for the contrastive rows (ContrastiveModel's own default is 0.1).
+    contrastive = ContrastiveModel(encoder, config.drop_rate, config.pooling) if config.stage1_epochs else None
+    return model, contrastive, tokenizer
 
 
 def restore(run):
@@ -357,7 +329,7 @@ def make_optimizer(run, contrastive_stage):
         module = run.model
     params = [p for p in module.parameters() if p.requires_grad]
     if run.config.layer_decay < 1 and not contrastive_stage:
-        params = layer_scales(module, run.model.encoder.config.num_hidden_layers, run.config.layer_decay)
+        params = layer_groups(module, run.model.encoder.config.num_hidden_layers, run.config.layer_decay)
     # The fused kernel updates each tensor in one pass over memory: on the CPU it is ~4x faster
     # than the default, and the optimizer step is a third of a step's time on a small BERT.
     # capturable: the step count lives on the device, so a CUDA graph can hold the update.
@@ -392,36 +364,57 @@ def train_epoch(run, epoch):
         run.totals = (torch.zeros((), device=run.device), torch.zeros((), device=run.device, dtype=torch.long))
     for total in run.totals:
         total.zero_()
-    if run.fast:
-        batches = EpochBatches.build(run.splits["train"], order, run.intents["train"], run.device)
-        if run.replay is None:
-            run.replay = Replay(partial(train_step, run, contrastive_stage, config.batch_size), run.device)
-    window, window_start = 0, time.perf_counter()
+    step = stepper(run, contrastive_stage, order)
+    window = (0, time.perf_counter())  # sentences and clock since the last progress line
     for i, index in enumerate(order, start=1):
         # The contrastive stage runs at the peak rate; the schedule counts the classifier's own steps.
         lr = config.lr if contrastive_stage else learning_rate(
             config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
-        for group in run.optimizer.param_groups:
-            if run.fast:
-                group["lr"].fill_(lr * group.get("lr_scale", 1.0))
-            else:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-        if not run.fast:
-            train_step(run, contrastive_stage, len(index), *shard_on_device(run, index))
-        elif len(index) == config.batch_size:
-            run.replay(*batches[i - 1])  # a CUDA graph's replay on a GPU
-        else:
-            train_step(run, contrastive_stage, len(index), *batches[i - 1])  # the short batch: eagerly
-        run.step += 1                                                        # schedule: the next lr above
-        window += len(index)
-        if i % run.args.log_every == 0 or i == len(order):                   # log: the step's one sync
-            mean_loss = check_finite(run.totals[0].item() / i, epoch, i, run.run_dir)
-            rate = window / (time.perf_counter() - window_start)
-            eta = (len(order) - i) * config.batch_size / rate
-            run.log(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
-                    f"lr {lr:.2e} {rate:.1f} samples/s epoch ETA {eta:.0f}s", flush=True)
-            window, window_start = 0, time.perf_counter()
+        set_learning_rate(run, lr)
+        step(i - 1, index)                                    # forward, loss, backward, clip, step
+        run.step += 1                                         # schedule: the next lr above
+        window = (window[0] + len(index), window[1])
+        if i % run.args.log_every == 0 or i == len(order):   # log: the step's one sync
+            window = log_progress(run, epoch, i, order, lr, window)
     end_of_epoch(run, epoch, order, *run.totals, lr, time.perf_counter() - started)
+
+
+def set_learning_rate(run, lr):
+    for group in run.optimizer.param_groups:
+        if run.fast:
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+        else:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def stepper(run, contrastive_stage, order):
+    """→ step(i, index): train on batch i of the epoch, whose sentences are `index`. Eagerly, each
+    batch is this process's shard, copied to the device when its turn comes. On the fast path the
+    epoch is copied once, every row padded to max_len, and each full batch replays one recorded
+    step (a CUDA graph on a GPU; minibert/fast.py); the short last batch runs eagerly."""
+    if not run.fast:
+        return lambda i, index: train_step(run, contrastive_stage, len(index), *shard_on_device(run, index))
+    batches = EpochBatches.build(run.splits["train"], order, run.intents["train"], run.device)
+    if run.replay is None:
+        run.replay = Replay(partial(train_step, run, contrastive_stage, run.config.batch_size), run.device)
+
+    def step(i, index):
+        if len(index) == run.config.batch_size:
+            run.replay(*batches[i])
+        else:
+            train_step(run, contrastive_stage, len(index), *batches[i])
+    return step
+
+
+def log_progress(run, epoch, i, order, lr, window):
+    """A progress line after step i; → the next window (no sentences yet, the clock now)."""
+    config, stage1 = run.config, run.config.stage1_epochs
+    mean_loss = check_finite(run.totals[0].item() / i, epoch, i, run.run_dir)
+    rate = window[0] / (time.perf_counter() - window[1])
+    eta = (len(order) - i) * config.batch_size / rate
+    run.log(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
+            f"lr {lr:.2e} {rate:.1f} samples/s epoch ETA {eta:.0f}s", flush=True)
+    return 0, time.perf_counter()
 
 
 def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
@@ -429,7 +422,7 @@ def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, int
     run.totals. Nothing here reads a value back from the device, so on the fast path a CUDA
     graph can record the whole of it. `n`: sentences in the whole batch, over every process."""
     config = run.config
-    loss, logits = batch_loss_on(run, contrastive_stage, n, input_ids, attention_mask, labels, intents)
+    loss, logits = batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents)
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler:                                                           # backward
         run.scaler.scale(loss).backward()
@@ -457,51 +450,64 @@ def shard_on_device(run, index):
     return to_device((*run.splits["train"].batch(shard), run.intents["train"][shard]), run.device)
 
 
-def batch_loss(run, index, contrastive_stage):
-    """Forward and loss of the batch `index` (this process's shard of it) → (loss, logits or None, labels)."""
-    input_ids, attention_mask, labels, intents = shard_on_device(run, index)
-    loss, logits = batch_loss_on(run, contrastive_stage, len(index), input_ids, attention_mask, labels, intents)
-    return loss, logits, labels
-
-
-def batch_loss_on(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
-    """Forward and loss of a batch on the device → (loss, logits or None). The loss is the mean
-    over all `n` sentences of the batch, whatever this process's share of it."""
-    config = run.config
+def batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
+    """The stage's loss on a batch on the device → (loss, label logits or None). The loss is the
+    mean over all `n` sentences of the batch, whatever this process's share of it."""
     with run.autocast():
         if contrastive_stage:
-            views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
-            positives = {"supcon": intents if config.contrastive_labels == "intents" else labels}
-            loss = supcon_loss(views, positives.get(config.loss), config.temperature, config.temperature)
-            return loss, None
-        passes = 2 if config.rdrop else 1  # R-Drop: the batch twice in one forward, two dropout masks
-        if config.stage2 == "probe":
-            with torch.no_grad():
-                cls = run.model.embed(input_ids, attention_mask).repeat(passes, 1)  # a frozen encoder: once
-            fine = run.forward(run.model.dropout(cls))
-        else:
-            mask = None if attention_mask is None else attention_mask.repeat(passes, 1)
-            fine = run.forward(input_ids.repeat(passes, 1), mask, fine=True)
-        fine = fine.float()  # the head's outputs: intents with --supervise intents/both, else labels
-        logits = run.model.coarse(fine)
+            return contrastive_loss(run, input_ids, attention_mask, labels, intents), None
+        return classifier_loss(run, n, input_ids, attention_mask, labels, intents)
 
-        def mean_ce(outputs, targets):
-            # The mean over the whole batch, whatever this process's share of it: DDP divides the
-            # summed gradients by world, so each process scales its sum by world / batch.
-            return F.cross_entropy(outputs, targets.repeat(passes), reduction="sum") * run.world / n / passes
 
-        if config.supervise == "labels":
-            loss = mean_ce(logits, labels)
-        elif config.supervise == "intents":
-            loss = mean_ce(fine, intents)
-        else:
-            loss = mean_ce(logits, labels) + mean_ce(fine, intents)
-        if passes == 2:
-            first, second = fine.chunk(2)
-            loss = loss + config.rdrop * symmetric_kl(first, second) * run.world / n
-            logits = logits[: len(input_ids)]
+def contrastive_loss(run, input_ids, attention_mask, labels, intents):
+    """Stage 1 (§3.2.3): SupCon, whose positives share a label (or an intent), or SimCLR, whose
+    only positive is the other view of the same sentence."""
+    config = run.config
+    views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
+    if config.loss == "simclr":
+        return simclr_loss(views, config.temperature)
+    positives = intents if config.contrastive_labels == "intents" else labels
+    return supcon_loss(views, positives, config.temperature, config.temperature)
+
+
+def classifier_loss(run, n, input_ids, attention_mask, labels, intents):
+    """Cross-entropy of the head's label logits, the paper's loss → (loss, logits). Beyond the
+    paper: the head may predict intents (--supervise), and R-Drop adds the KL between two passes."""
+    config = run.config
+    passes = 2 if config.rdrop else 1  # R-Drop: the batch twice in one forward, two dropout masks
+    outputs = head_outputs(run, input_ids, attention_mask, passes).float()  # (passes·B, labels or intents)
+    logits = run.model.coarse(outputs)  # (passes·B, labels): a label's intents summed, or the outputs
+
+    def mean_ce(scores, targets):
+        # The mean over the whole batch, whatever this process's share of it: DDP divides the
+        # summed gradients by world, so each process scales its sum by world / batch.
+        return F.cross_entropy(scores, targets.repeat(passes), reduction="sum") * run.world / n / passes
+
+    if config.supervise == "labels":
+        loss = mean_ce(logits, labels)
+    elif config.supervise == "intents":
+        loss = mean_ce(outputs, intents)
+    else:
+        loss = mean_ce(logits, labels) + mean_ce(outputs, intents)
+    if passes == 2:
+        first, second = outputs.chunk(2)
+        loss = loss + config.rdrop * symmetric_kl(first, second) * run.world / n
+        logits = logits[: len(input_ids)]
     return loss, logits
 
+
+def head_outputs(run, input_ids, attention_mask, passes):
+    """The head's outputs for the batch, `passes` times over → (passes·B, outputs). A probe runs
+    its frozen encoder once, without gradients, and repeats the sentence vectors."""
+    if run.config.stage2 == "probe":
+        with torch.no_grad():
+            vectors = run.model.embed(input_ids, attention_mask).repeat(passes, 1)
+        return run.forward(run.model.dropout(vectors))
+    mask = None if attention_mask is None else attention_mask.repeat(passes, 1)
+    return run.forward(input_ids.repeat(passes, 1), mask, grouped=False)
+
+
+# ---- the end of an epoch: SWA, dev, checkpoint ---------------------------------------------------
 
 def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
     """Average SWA, evaluate on dev, append the epoch's row, write the checkpoint."""
@@ -561,40 +567,6 @@ def contrastive_record(run):
     return record
 
 
-# ---- the learning rate and SWA, as torch's documented SWA loop has them -------------------------
-
-def swa_start_epoch(config):
-    return int(config.swa_start * config.epochs)
-
-
-def averages_after(config, epoch):
-    """torch.optim.swa_utils' loop: `if epoch > swa_start: swa_model.update_parameters(model);
-    swa_scheduler.step()` after each (0-based) classifier epoch. 10 epochs: epochs 8 and 9."""
-    return config.swa and epoch > swa_start_epoch(config)
-
-
-def learning_rate(config, epoch, step, steps_per_epoch):
-    """The rate for the classifier's next optimizer step, `step` steps into its training, in its
-    `epoch`-th epoch (both 0-based).
-
-    Constant, or warmup and linear (§3.2.1) or cosine decay, which step after every optimizer step. With
-    SWA, torch's loop hands over after epoch swa_start: the ordinary schedule has run through it,
-    and SWALR, stepped once after each averaged epoch, anneals from the rate it left."""
-    total = config.epochs * steps_per_epoch
-    warmup = warmup_steps(total, config.warmup_steps, config.warmup_ratio)
-
-    decay = {"linear": linear_warmup, "cosine": cosine_warmup}.get(config.scheduler)
-
-    def scheduled(s):
-        return config.lr * (decay(s, warmup, total) if decay else 1.0)
-
-    start = swa_start_epoch(config)
-    if config.swa and epoch > start:
-        handover = scheduled((start + 1) * steps_per_epoch)
-        return swa_lr(epoch - start - 1, handover, config.swa_lr, config.swa_anneal_epochs, config.swa_anneal)
-    return scheduled(step)
-
-
 # ---- finish: test, and the records --------------------------------------------------------------
 
 def finish(run, argv):
@@ -619,12 +591,7 @@ def finish(run, argv):
     if not run.main_process:
         return run.run_dir
     save_model(run.run_dir, model, run.tokenizer, run.labels, config)
-    history = run.history
-    classifier_rows = [h for h in history if h["stage"] == "classifier"]
-    contrastive_rows = [h for h in history if h["stage"] == "contrastive"]
-    stage1_end = contrastive_rows[-1] if contrastive_rows else {}
-    write_json(run.run_dir / "results.json", {
-        "format": FORMAT,
+    write_results(run.run_dir, "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv), {
         "experiment": config.experiment,
         "model": model.encoder.name,
         "model_requested": config.model,
@@ -635,28 +602,36 @@ def finish(run, argv):
         "eval_precision": "fp32",  # dev and test below; per-epoch dev figures use `precision`
         # the fast path's steps: replayed from a CUDA graph, or the same static step run eagerly
         "fast": ("cuda graph" if run.replay is not None and run.replay.captured else "eager") if run.fast else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
         "test": test_metrics,
         "dev": final_dev,
-        "contrastive": {k: v for k, v in stage1_end.items() if "_contrastive_" in k} or None,
-        "dev_accuracy_per_epoch": [h["dev_accuracy"] for h in classifier_rows],
-        "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier_rows],
-        "contrastive_loss_per_epoch": [h["train_loss"] for h in contrastive_rows],
+        **history_record(run.history, len(run.splits["train"]), run.steps_per_epoch),
         "swa": {"n_averaged": average.n_averaged, "dev": swa_dev} if average is not None else None,
         "dev_best": dev_best,  # --select dev-best: the kept epoch's figures; `test` above is the last epoch's
         **parameter_counts(model, probe=config.stage2 == "probe"),
-        "wall_seconds": sum(h["wall_seconds"] for h in history),
-        "samples_per_second": len(run.splits["train"]) * len(history) / sum(h["train_seconds"] for h in history),
-        "ms_per_step": 1000 * sum(h["train_seconds"] for h in history) / (len(history) * run.steps_per_epoch),
         **peak_memory(device),
-        "command": "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     })
     # The run is complete: its record and weights are written, so the training state can go.
     run.checkpoint.unlink(missing_ok=True)
     run.best_weights.unlink(missing_ok=True)
     print(f"wrote {run.run_dir}/results.json")
     return run.run_dir
+
+
+def history_record(history, n_train, steps_per_epoch):
+    """What results.json keeps of the epochs' rows: the curves, the contrastive stage's end, the clock."""
+    classifier = [h for h in history if h["stage"] == "classifier"]
+    contrastive = [h for h in history if h["stage"] == "contrastive"]
+    stage1_end = contrastive[-1] if contrastive else {}
+    train_seconds = sum(h["train_seconds"] for h in history)
+    return {
+        "contrastive": {k: v for k, v in stage1_end.items() if "_contrastive_" in k} or None,
+        "dev_accuracy_per_epoch": [h["dev_accuracy"] for h in classifier],
+        "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier],
+        "contrastive_loss_per_epoch": [h["train_loss"] for h in contrastive],
+        "wall_seconds": sum(h["wall_seconds"] for h in history),
+        "samples_per_second": n_train * len(history) / train_seconds,
+        "ms_per_step": 1000 * train_seconds / (len(history) * steps_per_epoch),
+    }
 
 
 def select_dev_best(run):
@@ -672,34 +647,6 @@ def select_dev_best(run):
     return record
 
 
-def check_run_dir(run_dir, resume, config):
-    """Never overwrite a run silently: its checkpoint could be hours of work. A finished run asked
-    to resume is done if it trained with `config`, and refused if it trained with other settings."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
-    existing = [f for f in ("checkpoint.safetensors", "results.json") if (run_dir / f).exists()]
-    if existing and not resume:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(existing)}); "
-                         "pass --resume to continue it, or --out to write elsewhere")
-    if resume and (run_dir / "results.json").exists():
-        record = read_json(run_dir / "results.json")
-        if not isinstance(record, dict) or not isinstance(record.get("hyperparameters"), dict):
-            raise ValueError(f"{run_dir / 'results.json'}: no hyperparameters, not a record of train.py; "
-                             "delete the folder to train again, or pass another --out")
-        check_same_config(record["hyperparameters"], config.to_dict(), run_dir)
-        print(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
-        sys.exit(0)
-
-
-def check_same_config(saved, current, run_dir):
-    saved = as_recorded(saved)
-    differ = [k for k in current if saved[k] != current[k]]
-    if differ:
-        details = ", ".join(f"{k}: {saved[k]!r} → {current[k]!r}" for k in differ)
-        raise ValueError(f"cannot resume {run_dir} with other hyperparameters ({details}); resume it with the "
-                         "settings it was trained with, or pass another --out")
-
-
 def check_finite(loss, epoch, step, run_dir):
     if not math.isfinite(loss):
         kept = f"the checkpoint of epoch {epoch} is kept in {run_dir}" if epoch else "no epoch had completed"
@@ -708,36 +655,6 @@ def check_finite(loss, epoch, step, run_dir):
     return loss
 
 
-def parameter_counts(model, probe=False):
-    """Counted as peft counts them: the encoder (pooler included) with any adapters; the head
-    is reported on its own. A probe's encoder trains no weight (its optimizer holds the head)."""
-    encoder_all = count_parameters(model.encoder)
-    encoder_trainable = 0 if probe else count_parameters(model.encoder, trainable_only=True)
-    return {"trainable_params": encoder_trainable, "all_params": encoder_all,
-            "trainable_pct": 100 * encoder_trainable / encoder_all,
-            "head_params": count_parameters(model) - encoder_all}
-
-
-def save_model(run_dir, model, tokenizer, labels, config):
-    # A LoRA run stores its adapters and the head together (the pretrained weights are
-    # reloaded by name); without the head a reloaded adapter would predict at random.
-    save_tensors(run_dir / "model.safetensors", trainable_state(model) if config.lora_r else model.state_dict())
-    lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "targets": config.lora_target_list} if config.lora_r else None
-    save_tokenizer(run_dir / "tokenizer.json", tokenizer)
-    write_json(run_dir / "model.json", {
-        "format": FORMAT,
-        "model": model.encoder.name,
-        "encoder": model.encoder.config.to_dict(),
-        "labels": list(labels),
-        "label_kind": config.labels,
-        "groups": model.groups,  # with --supervise intents/both: each intent output's label
-        "hidden_dim": config.hidden_dim,
-        "drop_rate": config.drop_rate,
-        "pooling": config.pooling,
-        "max_len": config.max_len,
-        "lora": lora,
-    })
 
 
 if __name__ == "__main__":

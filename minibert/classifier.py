@@ -56,10 +56,11 @@ class ScenarioClassifier(nn.Module):
         """The sentence vector, (B, T) → (B, H): what the head sees before dropout."""
         return pool(self.encoder(input_ids, attention_mask), attention_mask, self.pooling)
 
-    def forward(self, input_ids, attention_mask=None, fine=False):
-        """(B, T) → (B, n_labels) label logits; with `fine`, the head's own outputs (intents)."""
+    def forward(self, input_ids, attention_mask=None, grouped=True):
+        """(B, T) → (B, n_labels) label logits; with grouped=False, the head's own outputs (one per
+        intent with `groups`, not yet summed into labels)."""
         logits = self.head(self.dropout(self.embed(input_ids, attention_mask)))
-        return logits if fine else self.coarse(logits)
+        return self.coarse(logits) if grouped else logits
 
     def coarse(self, logits):
         """The head's outputs → label logits (B, n_labels): unchanged without groups."""
@@ -92,3 +93,23 @@ class ContrastiveModel(nn.Module):
     def views(self, input_ids, attention_mask=None):
         """(B, T) → (B, 2, H): two dropout views of each sentence, stacked for the SupCon loss."""
         return torch.stack([self(input_ids, attention_mask), self(input_ids, attention_mask)], dim=1)
+
+
+def layer_groups(module, n_layers, decay):
+    """Layer-wise learning-rate decay (ELECTRA, Clark et al. 2020; BEiT's numbering): optimizer
+    groups [{"params", "lr_scale"}] in which everything outside the encoder (the head) trains at
+    the full rate, the encoder's top layer at decay, each layer below at one more factor of
+    decay, and the embeddings at decay^(n_layers + 1). The loop sets lr = rate · lr_scale."""
+    depth = {}  # lr_scale exponent → parameters
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        if "embeddings" in parts:
+            k = n_layers + 1
+        elif "layers" in parts:
+            k = n_layers - int(parts[parts.index("layers") + 1])
+        else:
+            k = 0
+        depth.setdefault(k, []).append(p)
+    return [{"params": params, "lr_scale": decay ** k} for k, params in sorted(depth.items())]

@@ -1,7 +1,7 @@
 """Every hyperparameter of a run, and the paper's experiments as presets over them."""
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from torch import nn
 
@@ -9,55 +9,71 @@ from . import schedule
 from .model import BertConfig, Layer
 
 
+def setting(default, help):
+    """A TrainConfig field and its train.py flag: --name-with-dashes, with this help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     experiment: str = "baseline"
-    model: str = "auto"
-    labels: str = "scenario"
+    model: str = setting("auto", "auto (bert-base-uncased, else the embedded all-MiniLM-L6-v2), a model name, or a "
+                         "folder")
+    labels: str = setting("scenario", "scenario (18 classes, the paper) or intent (60)")
     # The paper's Tables 1-3.
-    epochs: int = 10
-    lr: float = 1e-4
-    batch_size: int = 16
-    drop_rate: float = 0.9
-    hidden_dim: int = 10
-    max_len: int = 20
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.01  # torch.optim.AdamW's default, which the paper kept
-    seed: int = 0
-    bucket: bool = False  # length-bucketed batches: less padding, same examples per epoch
-    max_grad_norm: float = 0.0  # gradient clipping; 0 = off, as in the paper
+    epochs: int = setting(10, "training epochs")
+    lr: float = setting(1e-4, "peak learning rate of AdamW")
+    batch_size: int = setting(16, "sentences per optimizer step")
+    drop_rate: float = setting(0.9, "dropout on the sentence vector ([CLS], see --pooling) before the head")
+    hidden_dim: int = setting(10, "width of the head's hidden layer")
+    max_len: int = setting(20, "word-pieces per sentence, [CLS] and [SEP] included")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    # torch.optim.AdamW's default, which the paper kept.
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    seed: int = setting(0, "seed for the head, the shuffle and dropout")
+    bucket: bool = setting(False, "batch sentences of similar length together (less padding)")
+    max_grad_norm: float = setting(0.0, "clip the gradient norm to this; 0 turns clipping off")
     # Learning-rate schedule (§3.2.1): constant, or warmup then linear (the paper's) or cosine decay to zero.
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used instead of warmup_steps when > 0
+    scheduler: str = setting("constant", "learning-rate schedule: constant, or linear warmup then linear or cosine "
+                             "decay to zero")
+    warmup_steps: int = setting(0, "linear and cosine schedules: warmup steps")
+    warmup_ratio: float = setting(0.0, "linear and cosine schedules: warmup as a fraction of all steps (instead of "
+                                  "--warmup-steps)")
     # Stochastic Weight Averaging (§3.2.2).
-    swa: bool = False
-    swa_start: float = 0.75  # SWA averages after every epoch past int(swa_start × epochs), 0-based
-    swa_lr: float = 1e-5
-    swa_anneal_epochs: int = 5
-    swa_anneal: str = "cos"
+    swa: bool = setting(False, "stochastic weight averaging over the last epochs")
+    swa_start: float = setting(0.75, "SWA averages after every epoch past int(swa_start x epochs) (0-based), as "
+                               "torch's loop")
+    swa_lr: float = setting(1e-5, "SWA: the rate annealed to")
+    swa_anneal_epochs: int = setting(5, "SWA: epochs to anneal over")
+    swa_anneal: str = setting("cos", "SWA: annealing curve, cos or linear")
     # LoRA (§3.1). The paper gives only r; alpha and dropout keep peft's defaults (8 and 0).
-    lora_r: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "query,value"
+    lora_r: int = setting(0, "LoRA rank; 0 fine-tunes every weight")
+    lora_alpha: float = setting(8.0, "LoRA: the update is scaled by alpha / r")
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapter input")
+    lora_targets: str = setting("query,value", "LoRA: comma-separated names of the Linear modules to adapt")
     # Contrastive pre-training (§3.2.3): stage 1 with this loss, then the classifier (stage 2).
-    loss: str = "ce"  # ce (no stage 1), supcon or simclr
-    temperature: float = 0.07
-    contrastive_epochs: int = 0  # stage-1 epochs; the presets use as many as --epochs
-    stage2: str = "finetune"  # finetune: everything trains; probe: the encoder stays frozen
+    loss: str = setting("ce", "ce; or supcon / simclr for a contrastive stage 1 before the classifier")
+    temperature: float = setting(0.07, "contrastive: softmax temperature")
+    # The contrastive presets say -1: stage 1 runs as many epochs as stage 2.
+    contrastive_epochs: int = setting(0, "contrastive: stage-1 epochs (-1: as many as --epochs)")
+    stage2: str = setting("finetune", "after the contrastive stage: finetune everything, or probe (frozen encoder)")
     # Which weights the run keeps: the last epoch's (the paper's), or the best dev epoch's.
-    select: str = "last"
+    select: str = setting("last", "weights kept: the last epoch's (the paper), or dev-best: the epoch with the best "
+                          "dev accuracy")
     # Beyond the paper (README, "The `best` recipe, beyond the paper").
     # Each of MASSIVE's 60 intents belongs to one scenario. With "intents" the head predicts
     # intents and a scenario's probability is the sum of its intents'; "both" adds the two losses.
-    supervise: str = "labels"
-    contrastive_labels: str = "labels"  # supcon's positives: sentences of one label, or of one intent
-    layer_decay: float = 1.0  # layer-wise lr decay: the layer k below the top trains at lr x decay^k
-    rdrop: float = 0.0  # R-Drop: weight of the symmetric KL between two dropout passes; 0 = off
+    supervise: str = setting("labels", "train on the labels, on MASSIVE's 60 intents (a scenario's probability is the "
+                             "sum of its intents'), or on both losses added")
+    contrastive_labels: str = setting("labels", "supcon: positives share a label, or share an intent")
+    layer_decay: float = setting(1.0, "layer-wise lr decay of the classifier stage: the head at lr, the top layer at "
+                                 "lr x decay, each lower layer x decay again; 1 turns it off")
+    rdrop: float = setting(0.0, "R-Drop: weight of the symmetric KL between two dropout passes, per sentence (the "
+                           "R-Drop code's alpha, which weighs the batch's sum, times the batch size); 0 turns it off")
     # What the head reads: the [CLS] vector (the paper's), or the mean over the sentence's
     # word-pieces, the pooling all-MiniLM-L6-v2 was trained with as a sentence embedder.
-    pooling: str = "cls"
+    pooling: str = setting("cls", "what the head reads: the [CLS] vector (the paper), or mean: the mean of the "
+                           "sentence's word-pieces")
 
     def to_dict(self):
         return asdict(self)
@@ -135,7 +151,7 @@ class TrainConfig:
         if self.loss == "ce" and self.contrastive_epochs != 0:  # -1 too: it asks for a stage
             raise ValueError(f"--contrastive-epochs {self.contrastive_epochs} with --loss ce: there is no contrastive "
                              "stage to run; pass --loss supcon or --loss simclr, or --contrastive-epochs 0")
-        last = int(self.swa_start * self.epochs)
+        last = schedule.swa_start_epoch(self)
         if self.swa and last >= self.epochs - 1:
             raise ValueError(f"--swa with --epochs {self.epochs} and --swa-start {self.swa_start} averages no epoch: "
                              f"SWA averages after the epochs past int(swa_start x epochs) = {last} (0-based); "
@@ -246,6 +262,7 @@ PRESETS = {
 PAPER = ("baseline", "scheduler", "swa", "both", "lora20", "lora30", "supcon", "simclr")
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+FLAGS = [name for name, f in FIELDS.items() if "help" in f.metadata]  # every field but `experiment`
 
 
 def as_recorded(hyperparameters):

@@ -1,4 +1,4 @@
-"""A run folder on disk: what train.py writes and evaluate.py reads back.
+"""A run folder on disk: what train.py writes and evaluate.py reads back, both ways in this file.
 
     runs/<name>/
         metrics.jsonl            one line per epoch
@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import ScenarioClassifier
-from .experiments import CHOICES
+from .experiments import CHOICES, as_recorded
 from .lora import apply_lora
-from .model import BertConfig, BertModel
+from .model import BertConfig, BertModel, count_parameters
 from .tokenizer import Tokenizer
 from .weights import load_pretrained
 
@@ -292,3 +293,91 @@ def load_run(run_dir):
     if not (run_dir / "tokenizer.json").exists():
         raise ValueError(f"{run_dir}: no tokenizer.json")
     return model.eval(), Tokenizer.from_folder(run_dir), meta
+
+
+# ---- what train.py and evaluate.py write -------------------------------------------------------
+
+def check_run_dir(run_dir, resume, config):
+    """Never overwrite a run silently: its checkpoint could be hours of work. A finished run asked
+    to resume is done if it trained with `config`, and refused if it trained with other settings."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
+    existing = [f for f in ("checkpoint.safetensors", "results.json") if (run_dir / f).exists()]
+    if existing and not resume:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(existing)}); "
+                         "pass --resume to continue it, or --out to write elsewhere")
+    if resume and (run_dir / "results.json").exists():
+        record = read_json(run_dir / "results.json")
+        if not isinstance(record, dict) or not isinstance(record.get("hyperparameters"), dict):
+            raise ValueError(f"{run_dir / 'results.json'}: no hyperparameters, not a record of train.py; "
+                             "delete the folder to train again, or pass another --out")
+        check_same_config(record["hyperparameters"], config.to_dict(), run_dir)
+        print(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
+        sys.exit(0)
+
+
+def check_same_config(saved, current, run_dir):
+    saved = as_recorded(saved)
+    differ = [k for k in current if saved[k] != current[k]]
+    if differ:
+        details = ", ".join(f"{k}: {saved[k]!r} → {current[k]!r}" for k in differ)
+        raise ValueError(f"cannot resume {run_dir} with other hyperparameters ({details}); resume it with the "
+                         "settings it was trained with, or pass another --out")
+
+
+def parameter_counts(model, probe=False):
+    """Counted as peft counts them: the encoder (pooler included) with any adapters; the head
+    is reported on its own. A probe's encoder trains no weight (its optimizer holds the head)."""
+    encoder_all = count_parameters(model.encoder)
+    encoder_trainable = 0 if probe else count_parameters(model.encoder, trainable_only=True)
+    return {"trainable_params": encoder_trainable, "all_params": encoder_all,
+            "trainable_pct": 100 * encoder_trainable / encoder_all,
+            "head_params": count_parameters(model) - encoder_all}
+
+
+def save_model(run_dir, model, tokenizer, labels, config):
+    """model.safetensors, model.json and tokenizer.json: what load_run rebuilds the classifier from."""
+    # A LoRA run stores its adapters and the head together (the pretrained weights are
+    # reloaded by name); without the head a reloaded adapter would predict at random.
+    save_tensors(run_dir / "model.safetensors", trainable_state(model) if config.lora_r else model.state_dict())
+    lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "targets": config.lora_target_list} if config.lora_r else None
+    save_tokenizer(run_dir / "tokenizer.json", tokenizer)
+    write_json(run_dir / "model.json", {
+        "format": FORMAT,
+        "model": model.encoder.name,
+        "encoder": model.encoder.config.to_dict(),
+        "labels": list(labels),
+        "label_kind": config.labels,
+        "groups": model.groups,  # with --supervise intents/both: each intent output's label
+        "hidden_dim": config.hidden_dim,
+        "drop_rate": config.drop_rate,
+        "pooling": config.pooling,
+        "max_len": config.max_len,
+        "lora": lora,
+    })
+
+
+def code_version():
+    """The git commit of the code that made a record, and whether tracked files differed from it;
+    both None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = changes = None
+    return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
+
+
+def write_results(run_dir, command, record):
+    """results.json: `record` (experiment, hyperparameters, metrics, timing) with the run format,
+    the command, and the versions of the code, torch and Python that made it."""
+    write_json(Path(run_dir) / "results.json", {
+        "format": FORMAT, **record, "torch": torch.__version__, "python": platform.python_version(),
+        **code_version(), "command": command})

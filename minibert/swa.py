@@ -1,13 +1,11 @@
 """Stochastic Weight Averaging (Izmailov et al. 2018): average the weights visited late in
-training, and anneal the learning rate towards a constant `swa_lr` while doing so.
+training (its annealed learning rate is schedule.py's, with the rest of the schedule).
 
 Semantics follow torch.optim.swa_utils: AveragedModel's equal-weight running mean and SWALR's
 annealing. One thing SWA usually needs, re-estimating BatchNorm statistics for the averaged
 weights (`update_bn`), does not apply: BERT normalises with LayerNorm, which computes its
 statistics from each input and keeps no running averages, so the averaged model is ready as is.
 """
-
-import math
 
 import torch
 
@@ -46,13 +44,3 @@ class WeightAverage:
         for name, value in tensors.items():
             self.average[name].copy_(value)
         self.n_averaged = n_averaged
-
-
-def swa_lr(k, start_lr, swa_lr, anneal_epochs, strategy="cos"):
-    """Learning rate after k annealing steps (one per epoch once SWA has started), going from
-    `start_lr`, the rate when SWA began, to `swa_lr` over `anneal_epochs` steps: torch's SWALR."""
-    if anneal_epochs < 1:
-        raise ValueError("anneal_epochs must be at least 1")
-    t = min(1.0, k / anneal_epochs)
-    alpha = (1 - math.cos(math.pi * t)) / 2 if strategy == "cos" else t
-    return swa_lr * alpha + start_lr * (1 - alpha)

@@ -297,3 +297,13 @@ EXTRA_REFERENCES = {
     "lora": lora_reference,
     "supcon": supcon_reference,
 }
+
+
+def batch_loss(run, index, contrastive_stage):
+    """The loss train.py's step computes on the batch `index` (this process's shard of it)
+    → (loss, label logits or None, labels)."""
+    import train
+
+    input_ids, attention_mask, labels, intents = train.shard_on_device(run, index)
+    loss, logits = train.batch_loss(run, contrastive_stage, len(index), input_ids, attention_mask, labels, intents)
+    return loss, logits, labels

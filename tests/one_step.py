@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from tests import cases  # noqa: E402
 
 
 class KeyedDropout(nn.Module):
@@ -55,7 +56,7 @@ def main():
     batch = torch.arange(n - 5, n)
     run.model.dropout = KeyedDropout(run.config.drop_rate, batch[run.rank::run.world])
     run.trained.train()
-    loss, _, _ = train.batch_loss(run, batch, contrastive_stage=False)
+    loss, _, _ = cases.batch_loss(run, batch, contrastive_stage=False)
     loss.backward()
     world = run.world
     if run.main_process:

@@ -17,8 +17,8 @@ import evaluate
 import train
 from lab import paper, tune
 from minibert.classifier import ScenarioClassifier
-from minibert.experiments import FIELDS, MAX_SEED, PRESETS, TrainConfig, flag
-from minibert.runs import read_json
+from minibert.experiments import FIELDS, FLAGS, MAX_SEED, PRESETS, TrainConfig, flag
+from minibert.runs import read_json, save_model
 from minibert.weights import load_pretrained
 from tests import cases
 
@@ -151,7 +151,7 @@ def write_run(folder, labels, label_kind):
     encoder, tokenizer, _ = load_pretrained(str(TINY))
     model = ScenarioClassifier(encoder, len(labels))
     folder.mkdir(parents=True)
-    train.save_model(folder, model, tokenizer, labels, TrainConfig(labels=label_kind, max_len=16))
+    save_model(folder, model, tokenizer, labels, TrainConfig(labels=label_kind, max_len=16))
     return folder
 
 
@@ -297,7 +297,7 @@ def refused_number(argv, folder, capsys):
 
 
 def test_every_numeric_flag_has_bad_values():
-    numeric = {flag(name) for name in train.FLAG_HELP if type(FIELDS[name].default) in (int, float)}
+    numeric = {flag(name) for name in FLAGS if type(FIELDS[name].default) in (int, float)}
     assert numeric | {"--log-every"} == set(BAD_NUMBERS)
 
 

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 import evaluate
-import train
 from lab import report
 from minibert import evaluation
 from lab.agreement import agreement
@@ -34,7 +33,7 @@ from minibert.data import SCENARIOS, Example, encode, load_massive
 from minibert.representations import embed
 from minibert.evaluation import accuracy_interval, confusion_matrix, label_metrics
 from minibert.experiments import TrainConfig
-from minibert.runs import read_json
+from minibert.runs import read_json, save_model
 from minibert.weights import load_pretrained
 from tests import cases
 from tests.test_train import copy_records
@@ -64,7 +63,7 @@ def write_run(folder, data):
         torch.nn.init.normal_(last.weight)
         last.bias.zero_()
     folder.mkdir(parents=True)
-    train.save_model(folder, model, tokenizer, SCENARIOS, TrainConfig(max_len=16))
+    save_model(folder, model, tokenizer, SCENARIOS, TrainConfig(max_len=16))
     return folder
 
 

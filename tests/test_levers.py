@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import evaluate
 import train
 from minibert import BertConfig, BertModel
-from minibert.classifier import ContrastiveModel, ScenarioClassifier
+from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.data import load_massive
 from minibert.losses import symmetric_kl
 from minibert.runs import read_json
-from minibert.schedule import layer_scales
+from tests import cases
 
 TINY = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=3, num_attention_heads=2, intermediate_size=16,
                   max_position_embeddings=16)
@@ -30,7 +30,7 @@ def test_a_label_probability_is_the_sum_of_its_intents():
     F.cross_entropy(model.coarse(fine), torch.tensor([0, 1, 2, 2, 0])).backward()
     assert torch.isfinite(fine.grad).all()  # the empty label's -inf-like logit leaks no NaN
     ids = torch.randint(1, 50, (5, 7))
-    assert model(ids, fine=True).shape == (5, 6) and model(ids).shape == (5, 4)
+    assert model(ids, grouped=False).shape == (5, 6) and model(ids).shape == (5, 4)
     assert ScenarioClassifier(BertModel(TINY), 4).coarse(fine) is fine  # without groups: the head's outputs
 
 
@@ -41,9 +41,9 @@ def test_intent_groups_follow_the_data(massive_path):
     assert all(intent.startswith(data.labels[g] + "_") for intent, g in zip(data.intents, groups))
 
 
-def test_layer_scales_decay_from_the_top():
+def test_layer_groups_decay_from_the_top():
     model = ScenarioClassifier(BertModel(TINY), 4)
-    groups = layer_scales(model, TINY.num_hidden_layers, 0.5)
+    groups = layer_groups(model, TINY.num_hidden_layers, 0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert len(scale) == sum(len(g["params"]) for g in groups) == len(trainable)  # each weight once
@@ -89,7 +89,7 @@ def built(model, data, out, *flags):
 
 def one_loss(run, seed=7):
     torch.manual_seed(seed)  # the same dropout masks for every run asked
-    return train.batch_loss(run, torch.arange(16), contrastive_stage=False)[0]
+    return cases.batch_loss(run, torch.arange(16), contrastive_stage=False)[0]
 
 
 def test_r_drop_adds_the_weighted_kl_of_two_passes(tiny_model, small_massive, tmp_path):
@@ -126,7 +126,7 @@ def test_supervising_both_adds_label_and_intent_losses(tiny_model, small_massive
     data = load_massive(small_massive)
     intent_ids = torch.tensor(data.intent_ids(data.train))[:16]
     assert one_loss(intents).item() == pytest.approx(
-        F.cross_entropy(intents.model(ids, mask, fine=True), intent_ids).item(), rel=1e-6)
+        F.cross_entropy(intents.model(ids, mask, grouped=False), intent_ids).item(), rel=1e-6)
     assert (one_loss(both) - one_loss(intents)).item() == pytest.approx(
         F.cross_entropy(both.model(ids, mask), labels).item(), rel=1e-5)
 
@@ -148,7 +148,7 @@ def test_supcon_on_intents_pairs_sentences_of_one_intent(tiny_model, small_massi
     for which in ("labels", "intents"):
         run = built(tiny_model, small_massive, tmp_path / which, "--experiment", "supcon", "--contrastive-labels",
                     which)
-        train.batch_loss(run, torch.arange(16), contrastive_stage=True)
+        cases.batch_loss(run, torch.arange(16), contrastive_stage=True)
     assert positives[0].tolist() == data.label_ids(data.train, "scenario")[:16]
     assert positives[1].tolist() == data.intent_ids(data.train)[:16]
     # The loss recorded at the end of stage 1 counts the positives stage 1 trained with.

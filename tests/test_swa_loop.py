@@ -18,7 +18,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import SWALR, AveragedModel
 
 import train
-from minibert.experiments import PRESETS
+from minibert import schedule
+from minibert.experiments import FLAGS, PRESETS
 from minibert.swa import WeightAverage
 
 STEPS_PER_EPOCH = 3
@@ -70,7 +71,7 @@ def minibert_loop(config):
     lrs, weights, step = [], [], 0
     for epoch in range(config.epochs):
         for x, y in batches():
-            lr = train.learning_rate(config, epoch, step, STEPS_PER_EPOCH)
+            lr = schedule.learning_rate(config, epoch, step, STEPS_PER_EPOCH)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             lrs.append(lr)
@@ -78,7 +79,7 @@ def minibert_loop(config):
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
             step += 1
-        if train.averages_after(config, epoch):
+        if schedule.averages_after(config, epoch):
             average.update()
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     return lrs, weights, average.state(), average.n_averaged
@@ -115,8 +116,8 @@ def test_swa_loop_fails_when_averaging_one_epoch_early(monkeypatch):
     """The comparison above catches the off-by-one it was written for (`>=` for `>`)."""
     config = CONFIGS["swa"]
     lrs, _, average, n = torch_recipe(config)
-    monkeypatch.setattr(train, "averages_after",
-                        lambda c, epoch: c.swa and epoch >= train.swa_start_epoch(c))
+    monkeypatch.setattr(schedule, "averages_after",
+                        lambda c, epoch: c.swa and epoch >= schedule.swa_start_epoch(c))
     _, _, our_average, our_n = minibert_loop(config)
     assert our_n == n + 1
     assert not all(torch.allclose(our_average[p], v, atol=1e-6) for p, v in average.items())
@@ -136,11 +137,11 @@ def test_learning_rate_in_metrics_is_what_the_loop_applied(experiment, flags, sm
     run = train.main(["--model", str(ROOT / "tests/reference/tiny_odd"), "--data", str(small_massive),
                       "--experiment", experiment, *flags, "--out", str(tmp_path / "run"), "--no-test",
                       "--max-len", "16"])
-    config = PRESETS[experiment].override(**{k: getattr(train.parse_args(flags), k) for k in train.FLAG_HELP})
+    config = PRESETS[experiment].override(**{k: getattr(train.parse_args(flags), k) for k in FLAGS})
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = rows[0]["step"]
     classifier = [r for r in rows if r["stage"] == "classifier"]
-    expected = [train.learning_rate(config, e, (e + 1) * steps_per_epoch - 1, steps_per_epoch)
+    expected = [schedule.learning_rate(config, e, (e + 1) * steps_per_epoch - 1, steps_per_epoch)
                 for e in range(config.epochs)]
     assert [r["lr"] for r in classifier] == pytest.approx(expected, rel=1e-12)
     if experiment == "both":  # SWALR over one epoch: the second averaged epoch runs at swa_lr

@@ -1,6 +1,7 @@
 """The warmup schedules, SWA and LoRA equal their references: transformers'
 get_linear_schedule_with_warmup and get_cosine_schedule_with_warmup, torch.optim.swa_utils, and
-peft. Each stored comparison is a small function with its tolerance beside it; test_planted_bugs.py shows each fails for a real bug."""
+peft. Each stored comparison is a small function with its tolerance beside it; test_planted_bugs.py
+shows each fails for a real bug."""
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from safetensors.torch import load_file
 from minibert import BertConfig, BertModel, count_parameters, load_pretrained, schedule
 from minibert.lora import apply_lora, lora_modules
 from minibert.schedule import warmup_steps
-from minibert.swa import WeightAverage, swa_lr
+from minibert.schedule import swa_anneal
+from minibert.swa import WeightAverage
 from tests import cases
 from tests.cases import TOL_FP64, max_real_token_error, minibert_outputs
 
@@ -96,7 +98,8 @@ def test_weight_average_matches_averaged_model():
 def test_swa_lr_matches_swalr():
     stored = load_file(cases.REFERENCE / "swa.safetensors")
     for i, (start, target, anneal_epochs, strategy) in enumerate(cases.SWALR_CASES):
-        ours = torch.tensor([swa_lr(k, start, target, anneal_epochs, strategy) for k in range(8)], dtype=torch.float64)
+        ours = torch.tensor([swa_anneal(k, start, target, anneal_epochs, strategy) for k in range(8)],
+                            dtype=torch.float64)
         assert torch.allclose(ours, stored[f"swalr{i}"], rtol=1e-9, atol=0), strategy
 
 
