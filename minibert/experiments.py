@@ -60,7 +60,7 @@ class TrainConfig:
     # Which weights the run keeps: the last epoch's (the paper's), or the best dev epoch's.
     select: str = setting("last", "weights kept: the last epoch's (the paper), or dev-best: the epoch with the best "
                           "dev accuracy")
-    # Beyond the paper (README, "The `best` recipe, beyond the paper").
+    # Beyond the paper (lab/README.md, "The `best` recipe, beyond the paper").
     # Each of MASSIVE's 60 intents belongs to one scenario. With "intents" the head predicts
     # intents and a scenario's probability is the sum of its intents'; "both" adds the two losses.
     supervise: str = setting("labels", "train on the labels, on MASSIVE's 60 intents (a scenario's probability is the "
@@ -220,7 +220,7 @@ _base = TrainConfig()
 _search = _base.override(experiment="search", drop_rate=0.1, hidden_dim=256, scheduler="linear", warmup_ratio=0.06,
                          bucket=True)
 # What the winner of results/tune/all-MiniLM-L6-v2-search-e10/dev.md changes from `search`: nothing.
-# `search` itself at 10 epochs led that round; its levers led at 3 epochs only (README).
+# `search` itself at 10 epochs led that round; its levers led at 3 epochs only (lab/README.md).
 BEST_LEVERS = {}
 # What the winner of the LoRA screen (results/tune/all-MiniLM-L6-v2-lora20-e3/dev.md, run again for
 # 10 epochs in results/tune/all-MiniLM-L6-v2-lora20-e10/) changes from `lora20`: alpha = 2r, as
@@ -249,7 +249,7 @@ PRESETS = {
     # Beyond the paper. `search` is where the dev-only search (`make tune`) starts: the paper's
     # 0.9 dropout on [CLS] starves a 10-unit head, so drop 0.1 with a wider head, and the linear
     # schedule with a short warmup; length-bucketed batches for speed. `best` is the search's
-    # winner (README, "The `best` recipe, beyond the paper"); a test holds it to the committed dev table.
+    # winner (lab/README.md, "The `best` recipe, beyond the paper"); a test holds it to the committed dev table.
     "search": _search,
     "best": _search.override(experiment="best", **BEST_LEVERS),
     # Beyond the paper, beside its LoRA rows (never in place of them): LoRA tuned on dev alone.

@@ -58,9 +58,24 @@ def pick_device(name):
 
 
 def device_name(device):
+    """The device in words, for records: a GPU's name, or the CPU's model, kind and threads."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if device.type == "cpu":
+        return f"cpu ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{device.type} ({platform.machine()})"
+
+
+def cpu_model():
+    """The CPU's model name as the operating system reports it (Linux's /proc/cpuinfo), so that
+    records of different machines can be told apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class WriteError(ValueError):
