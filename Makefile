@@ -88,6 +88,8 @@ bucketing: install data
 precision: install data
 	for p in fp32 bf16; do $(SEEDS_RUN) results/precision/$(MODEL)-e2-$$p --epochs 2 \
 		--rows baseline best --flags=--precision=$$p || exit 1; done
+	$(PY) -m lab.report results/precision/$(MODEL)-e2-fp32 results/precision/$(MODEL)-e2-bf16 --by precision \
+		--out results/precision/$(MODEL)-e2.md --readme README.md
 
 # The README's results section, regenerated from the committed records.
 readme-results: install

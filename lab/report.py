@@ -38,6 +38,7 @@ PAPER = {
 ORDER = ["zeroshot", *PRESETS]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 ONE_RUN = ("seed",)  # what may differ between the runs of one arm
+RUN_SETTINGS = ("precision", "fast")  # how a run ran, recorded beside its hyperparameters
 
 
 def mean_std(values):
@@ -219,8 +220,8 @@ def arms(folders, setting):
     order, for the experiments that ran with more than one value. Exits where two runs differ in
     anything but the setting and the seed (another hyperparameter, the precision, the fast path,
     which pads every batch to full length): their difference would not be the setting's."""
-    if setting not in FIELDS:
-        sys.exit(f"--by {setting}: not a hyperparameter; one of {', '.join(FIELDS)}")
+    if setting not in FIELDS and setting not in RUN_SETTINGS:
+        sys.exit(f"--by {setting}: not a hyperparameter or run setting; one of {', '.join([*FIELDS, *RUN_SETTINGS])}")
     grouped, seen = {}, set()
     for folder in folders:
         runs = collect(folder)
