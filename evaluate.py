@@ -6,7 +6,6 @@
     python evaluate.py --zero-shot --model all-MiniLM-L6-v2      # the paper's experiment 1
 """
 
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_ma
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
 from minibert.experiments import CHOICES, MAX_SEED, TrainConfig
 from minibert.fetch import DownloadError
-from minibert.runs import FORMAT, device_name, load_run, pick_device, write_csv, write_json
+from minibert.runs import device_name, load_run, pick_device, write_csv, write_json, write_results
 from minibert.weights import load_pretrained
 
 
@@ -142,13 +141,10 @@ def zero_shot(args, argv):
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.embeddings:
         analyse_embeddings(model, tokenizer, data, config.max_len, run_dir, f"pretrained {encoder.name}")
-    write_json(run_dir / "results.json", {
-        "format": FORMAT, "experiment": "zeroshot", "model": encoder.name, "model_requested": config.model,
+    write_results(run_dir, "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv), {
+        "experiment": "zeroshot", "model": encoder.name, "model_requested": config.model,
         "hyperparameters": config.to_dict(), "seed": config.seed, "device": device_name(torch.device("cpu")),
-        "precision": "fp32",
-        "torch": torch.__version__, "python": platform.python_version(), "test": result,
-        "dev_accuracy_per_epoch": [], "wall_seconds": 0.0,
-        "command": "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "precision": "fp32", "test": result, "dev_accuracy_per_epoch": [], "wall_seconds": 0.0,
     })
     print(f"wrote {run_dir}/results.json")
 

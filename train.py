@@ -193,7 +193,7 @@ class Run:
     model: ScenarioClassifier
     contrastive: ContrastiveModel | None  # contrastive runs only
     trained: nn.ModuleDict  # every module that trains, under one name space for checkpoints
-    forward: nn.Module  # what the classifier's gradients flow through (model or head; DDP-wrapped)
+    learner: nn.Module  # what the classifier's gradients flow through (model or head; DDP-wrapped)
     splits: dict  # train / dev / test, encoded
     run_dir: Path
     average: WeightAverage | None  # SWA only
@@ -263,9 +263,9 @@ def setup(args):
     trained.to(device)
     # What the classifier's gradients flow through: the whole model, or the head alone for a
     # probe. Under torchrun every process holds a replica and DDP averages the gradients.
-    forward = model.head if config.stage2 == "probe" else model
+    learner = model.head if config.stage2 == "probe" else model
     if world > 1:
-        forward = DistributedDataParallel(forward)
+        learner = DistributedDataParallel(learner)
     splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), config.labels),
                            config.max_len) for name in ("train", "dev", "test")}
     short = len(splits["train"]) % config.batch_size
@@ -282,7 +282,7 @@ def setup(args):
               autocast=autocast, scaler=scaler, labels=data.labels,
               intents={name: torch.tensor(data.intent_ids(data.split(name))) for name in splits},
               tokenizer=tokenizer, model=model,
-              contrastive=contrastive, trained=trained, forward=forward, splits=splits, run_dir=run_dir,
+              contrastive=contrastive, trained=trained, learner=learner, splits=splits, run_dir=run_dir,
               average=WeightAverage(model) if config.swa else None)
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
     if args.resume and run.checkpoint.exists():
@@ -521,9 +521,9 @@ def head_outputs(run, input_ids, attention_mask, passes):
     if run.config.stage2 == "probe":
         with torch.no_grad():
             vectors = run.model.embed(input_ids, attention_mask).repeat(passes, 1)
-        return run.forward(run.model.dropout(vectors))
+        return run.learner(run.model.dropout(vectors))
     mask = None if attention_mask is None else attention_mask.repeat(passes, 1)
-    return run.forward(input_ids.repeat(passes, 1), mask, grouped=False)
+    return run.learner(input_ids.repeat(passes, 1), mask, grouped=False)
 
 
 # ---- the end of an epoch: SWA, dev, checkpoint ---------------------------------------------------

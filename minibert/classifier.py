@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 
-def pool(hidden, attention_mask, pooling):
+def sentence_vector(hidden, attention_mask, pooling):
     """(B, T, H) hidden states → (B, H) sentence vectors: the [CLS] position, or the mean over the
     sentence's own positions (padding left out), summed in fp32. An all-padding row (the fast
     path's filler) gets a zero vector, not 0/0."""
@@ -54,7 +54,7 @@ class ScenarioClassifier(nn.Module):
 
     def embed(self, input_ids, attention_mask=None):
         """The sentence vector, (B, T) → (B, H): what the head sees before dropout."""
-        return pool(self.encoder(input_ids, attention_mask), attention_mask, self.pooling)
+        return sentence_vector(self.encoder(input_ids, attention_mask), attention_mask, self.pooling)
 
     def forward(self, input_ids, attention_mask=None, grouped=True):
         """(B, T) → (B, n_labels) label logits; with grouped=False, the head's own outputs (one per
@@ -86,8 +86,8 @@ class ContrastiveModel(nn.Module):
         self.projection = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, H))
 
     def forward(self, input_ids, attention_mask=None):
-        z = self.projection(self.dropout(pool(self.encoder(input_ids, attention_mask), attention_mask,
-                                              self.pooling)))  # (B, H)
+        vectors = sentence_vector(self.encoder(input_ids, attention_mask), attention_mask, self.pooling)
+        z = self.projection(self.dropout(vectors))  # (B, H)
         return nn.functional.normalize(z.float(), dim=-1)
 
     def views(self, input_ids, attention_mask=None):

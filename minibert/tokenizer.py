@@ -60,7 +60,7 @@ class Tokenizer:
         backend.decoder = decoders.WordPiece()
         return cls(backend)
 
-    def encode(self, texts, max_len=20):
+    def encode(self, texts, max_len):
         """Texts → lists of ids, each at most max_len long, [CLS] first and [SEP] last."""
         ids = []
         for encoding in self.backend.encode_batch(list(texts)):
@@ -78,5 +78,5 @@ class Tokenizer:
             attention_mask[i, : len(row)] = 1
         return input_ids, attention_mask
 
-    def __call__(self, texts, max_len=20):
+    def __call__(self, texts, max_len):
         return self.pad(self.encode(texts, max_len))
