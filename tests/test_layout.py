@@ -7,7 +7,10 @@ imports the core and is never imported by it.
 
 import ast
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 from minibert.experiments import PRESETS
 
@@ -36,3 +39,13 @@ def test_the_makefile_has_a_target_for_every_preset():
     text = (ROOT / "Makefile").read_text()
     listed = re.search(r"^EXPERIMENTS := ((?:.*\\\n)*.*)$", text, re.M)[1].replace("\\\n", " ").split()
     assert listed == list(PRESETS)
+
+
+@pytest.mark.parametrize("line", ["import lab.report", "from lab import paper", "from lab.tune import ranking"])
+def test_the_wing_check_sees_an_import_of_the_lab(line, tmp_path, monkeypatch):
+    planted = tmp_path / "model.py"
+    planted.write_text(f"import torch\n\n\ndef forward():\n    {line}\n")
+    monkeypatch.setattr(sys.modules[__name__], "CORE", [*CORE, planted])
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="model.py imports lab"):
+        test_the_core_never_imports_the_lab()
