@@ -348,7 +348,8 @@ def test_a_finished_run_resumed_with_its_settings_is_done(nothing_loads, tmp_pat
 ], ids=["lr", "seed-and-bucket", "experiment"])
 def test_a_finished_run_resumed_with_other_settings_is_refused(argv, differ, nothing_loads, tmp_path, capsys):
     status, line = resume_finished(FINISHED, argv, tmp_path / "run", capsys)
-    assert status != 0 and line == f"train.py: cannot resume {tmp_path / 'run'} with other hyperparameters {differ}"
+    assert status != 0 and line == (f"train.py: cannot resume {tmp_path / 'run'} with other hyperparameters {differ}; "
+                                    "resume it with the settings it was trained with, or pass another --out")
 
 
 def test_a_finished_run_without_hyperparameters_is_refused(nothing_loads, tmp_path, capsys):

@@ -141,12 +141,12 @@ def test_flag_coverage_check_catches_a_flag_without_bad_values(monkeypatch):
 
 def finished_settings_ignored(monkeypatch):
     """A finished run is "already complete" whatever the flags (train.py before this check)."""
-    monkeypatch.setattr(train, "check_same_config", lambda saved, current, run_dir: None)
+    monkeypatch.setattr(runs, "check_same_config", lambda saved, current, run_dir: None)
 
 
 def record_compared_raw(monkeypatch):
     """The record compared as written: settings newer than the run count as changed."""
-    monkeypatch.setattr(train, "as_recorded", lambda hyperparameters: {k: hyperparameters.get(k) for k in FIELDS})
+    monkeypatch.setattr(runs, "as_recorded", lambda hyperparameters: {k: hyperparameters.get(k) for k in FIELDS})
 
 
 def test_resume_finished_check_catches_settings_ignored(nothing_loads, tmp_path, capsys, monkeypatch):
