@@ -163,39 +163,34 @@ def require_assets():
 SCHEDULES = [(0, 10), (3, 10), (4, 4), (0, 1), (7, 20), (12, 9)]  # (warmup, total)
 
 
-def schedule_reference():
-    """transformers' get_linear_schedule_with_warmup: the multiplier before each optimizer step."""
-    from transformers import get_linear_schedule_with_warmup
-
+def multipliers(make_scheduler, steps_past_the_end):
+    """A transformers schedule's multiplier before each optimizer step, up to `steps_past_the_end`
+    steps past the last, for each case of SCHEDULES."""
     out = {}
     for warmup, total in SCHEDULES:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        scheduler = make_scheduler(optimizer, warmup, total)
         values = []
-        for _ in range(total + 3):
+        for _ in range(total + 1 + steps_past_the_end):
             values.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             scheduler.step()
         out[f"w{warmup}_t{total}"] = torch.tensor(values, dtype=torch.float64)
     return out
+
+
+def schedule_reference():
+    """transformers' get_linear_schedule_with_warmup, and two steps past the end (where it stays 0)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return multipliers(get_linear_schedule_with_warmup, 2)
 
 
 def cosine_schedule_reference():
-    """transformers' get_cosine_schedule_with_warmup (half a cycle): the multiplier before each
-    optimizer step, up to the last."""
+    """transformers' get_cosine_schedule_with_warmup (half a cycle), up to the last step."""
     from transformers import get_cosine_schedule_with_warmup
 
-    out = {}
-    for warmup, total in SCHEDULES:
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-        values = []
-        for _ in range(total + 1):
-            values.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        out[f"w{warmup}_t{total}"] = torch.tensor(values, dtype=torch.float64)
-    return out
+    return multipliers(get_cosine_schedule_with_warmup, 0)
 
 
 SWALR_CASES = [(1e-4, 1e-5, 5, "cos"), (3e-5, 1e-5, 3, "linear"), (1e-3, 5e-4, 1, "cos")]
