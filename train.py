@@ -40,8 +40,9 @@ from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
 from minibert.runs import (WriteError, check_run_dir, check_same_config, checkpoint_state, device_name,
-                           load_checkpoint, load_into, load_tensors, parameter_counts, peak_memory, pick_device,
-                           save_checkpoint, save_model, save_tensors, trainable_state, write_jsonl, write_results)
+                           history_record, load_checkpoint, load_into, load_tensors, parameter_counts, peak_memory,
+                           pick_device, save_checkpoint, save_model, save_tensors, trainable_state, write_jsonl,
+                           write_results)
 from minibert.schedule import averages_after, learning_rate
 from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
@@ -635,23 +636,6 @@ def finish(run, argv):
     run.best_weights.unlink(missing_ok=True)
     print(f"wrote {run.run_dir}/results.json")
     return run.run_dir
-
-
-def history_record(history, n_train, steps_per_epoch):
-    """What results.json keeps of the epochs' rows: the curves, the contrastive stage's end, the clock."""
-    classifier = [h for h in history if h["stage"] == "classifier"]
-    contrastive = [h for h in history if h["stage"] == "contrastive"]
-    stage1_end = contrastive[-1] if contrastive else {}
-    train_seconds = sum(h["train_seconds"] for h in history)
-    return {
-        "contrastive": {k: v for k, v in stage1_end.items() if "_contrastive_" in k} or None,
-        "dev_accuracy_per_epoch": [h["dev_accuracy"] for h in classifier],
-        "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier],
-        "contrastive_loss_per_epoch": [h["train_loss"] for h in contrastive],
-        "wall_seconds": sum(h["wall_seconds"] for h in history),
-        "samples_per_second": n_train * len(history) / train_seconds,
-        "ms_per_step": 1000 * train_seconds / (len(history) * steps_per_epoch),
-    }
 
 
 def select_dev_best(run):

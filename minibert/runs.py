@@ -373,6 +373,23 @@ def save_model(run_dir, model, tokenizer, labels, config):
     })
 
 
+def history_record(history, n_train, steps_per_epoch):
+    """What results.json keeps of the epochs' rows: the curves, the contrastive stage's end, the clock."""
+    classifier = [h for h in history if h["stage"] == "classifier"]
+    contrastive = [h for h in history if h["stage"] == "contrastive"]
+    stage1_end = contrastive[-1] if contrastive else {}
+    train_seconds = sum(h["train_seconds"] for h in history)
+    return {
+        "contrastive": {k: v for k, v in stage1_end.items() if "_contrastive_" in k} or None,
+        "dev_accuracy_per_epoch": [h["dev_accuracy"] for h in classifier],
+        "train_accuracy_per_epoch": [h["train_accuracy"] for h in classifier],
+        "contrastive_loss_per_epoch": [h["train_loss"] for h in contrastive],
+        "wall_seconds": sum(h["wall_seconds"] for h in history),
+        "samples_per_second": n_train * len(history) / train_seconds,
+        "ms_per_step": 1000 * train_seconds / (len(history) * steps_per_epoch),
+    }
+
+
 def code_version():
     """The git commit of the code that made a record, and whether tracked files differed from it;
     both None outside a git checkout."""

@@ -1,0 +1,64 @@
+"""What a contrastive stage 1 did to the encoder: the sentence vectors' alignment, uniformity and
+10-NN accuracy at its end, read from the run's checkpoint of that epoch.
+
+    python -m lab.stage1 runs/simclr-all-MiniLM-L6-v2-s0/checkpoint.safetensors --model all-MiniLM-L6-v2 \\
+        --out results/authors/all-MiniLM-L6-v2-e10/simclr-swa-cosine-s0/stage1-embeddings.json
+
+A run keeps one checkpoint, its last completed epoch's: copy it when the last contrastive epoch has
+completed (its metadata's epoch equals the run's contrastive epochs). The figures are those that
+`evaluate.py --embeddings` gives a finished run ([CLS] vectors of the test split, k-NN against the
+train split), so they compare with results/representations/pretrained/embeddings.json.
+"""
+
+import sys
+
+import torch
+
+from minibert.classifier import ScenarioClassifier
+from minibert.cli import Parser
+from minibert.data import encode, load_massive
+from minibert.fetch import DownloadError
+from minibert.representations import alignment, embed, knn_accuracy, uniformity
+from minibert.runs import checkpoint_state, load_into, load_tensors, write_json
+from minibert.weights import load_pretrained
+
+
+def main(argv=None):
+    p = Parser(prog="python -m lab.stage1", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a contrastive run's checkpoint.safetensors, copied at the end of stage 1")
+    p.add_argument("--model", required=True, help="the pretrained model the run started from")
+    p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
+    p.add_argument("--out", default=None, help="write the figures to this JSON file as well")
+    args = p.parse_args(argv)
+    try:
+        state = checkpoint_state(args.checkpoint)
+        config = state["config"]
+        stage1 = config["epochs"] if config["contrastive_epochs"] == -1 else config["contrastive_epochs"]
+        if config["loss"] == "ce" or state["epoch"] != stage1:
+            raise ValueError(f"{args.checkpoint}: epoch {state['epoch']} of a run whose stage 1 has {stage1} "
+                             f"({config['loss']}); copy the checkpoint when its last contrastive epoch completes")
+        encoder, tokenizer, _ = load_pretrained(args.model)
+        model = ScenarioClassifier(encoder, 18, pooling=config.get("pooling", "cls"))
+        tensors, _ = load_tensors(args.checkpoint)
+        load_into(model.encoder, tensors, args.checkpoint, prefix="model.classifier.encoder.")
+        data = load_massive(args.data)
+    except (ValueError, DownloadError, OSError) as e:
+        sys.exit(f"python -m lab.stage1: {e}")
+    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), "scenario"),
+                           config["max_len"]) for name in ("train", "test")}
+    with torch.no_grad():
+        z = {name: embed(model, encoded) for name, encoded in splits.items()}
+    labels = {name: encoded.labels for name, encoded in splits.items()}
+    result = {"epoch": state["epoch"], "loss": config["loss"], "pooling": model.pooling,
+              "alignment": alignment(z["test"], labels["test"]), "uniformity": uniformity(z["test"]),
+              "knn_accuracy": knn_accuracy(z["train"], labels["train"], z["test"], labels["test"], k=10)}
+    print(f"after {result['epoch']} contrastive epochs ({result['loss']}): alignment {result['alignment']:.4f} "
+          f"uniformity {result['uniformity']:.4f} 10-NN accuracy {result['knn_accuracy']:.4f}")
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
