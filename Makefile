@@ -50,7 +50,7 @@ RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device
 EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr simclr-swa-cosine supcon-swa-cosine \
 	search best lora20-tuned lora30-tuned
 
-.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds lora-seeds bucketing precision readme-results tune bench bench-gpu
+.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds lora-seeds variant-seeds bucketing precision readme-results tune bench bench-gpu
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
@@ -74,6 +74,10 @@ best-seeds: install data
 # LoRA tuned on dev (lora20-tuned, lora30-tuned) for SEEDS seeds, beside the paper's LoRA rows.
 lora-seeds: install data
 	$(SEEDS_RUN) results/lora-tuned/$(MODEL)-e$(EPOCHS) --rows lora20-tuned lora30-tuned
+# The contrastive rows with SWA and cosine decay (the variant the paper's first author describes for
+# its SimCLR row) for SEEDS seeds, beside the paper's contrastive rows.
+variant-seeds: install data
+	$(SEEDS_RUN) results/authors/$(MODEL)-e$(EPOCHS) --rows simclr-swa-cosine supcon-swa-cosine
 # The bucketing question: baseline and best with batching flipped (baseline bucketed, best not),
 # then both arms of each, dev and test, against the paper's baseline and best-seeds' runs.
 BUCKETING = results/bucketing/$(MODEL)-e$(EPOCHS)
