@@ -485,7 +485,7 @@ def contrastive_loss(run, input_ids, attention_mask, labels, intents):
     config = run.config
     views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
     if config.loss == "simclr":
-        return simclr_loss(views, config.temperature)
+        return simclr_loss(views, config.temperature, labels if config.simclr_negatives == "other-labels" else None)
     positives = intents if config.contrastive_labels == "intents" else labels
     return supcon_loss(views, positives, config.temperature, config.temperature)
 

@@ -66,6 +66,9 @@ class TrainConfig:
     supervise: str = setting("labels", "train on the labels, on MASSIVE's 60 intents (a scenario's probability is the "
                              "sum of its intents'), or on both losses added")
     contrastive_labels: str = setting("labels", "supcon: positives share a label, or share an intent")
+    # A diagnostic of SimCLR's false negatives at batch 16: it uses the labels SimCLR does not have.
+    simclr_negatives: str = setting("all", "simclr: every other sentence of the batch is a negative (all), or only "
+                                    "those of another label (other-labels, a diagnostic that uses the labels)")
     layer_decay: float = setting(1.0, "layer-wise lr decay of the classifier stage: the head at lr, the top layer at "
                                  "lr x decay, each lower layer x decay again; 1 turns it off")
     rdrop: float = setting(0.0, "R-Drop: weight of the symmetric KL between two dropout passes, per sentence (the "
@@ -168,6 +171,9 @@ class TrainConfig:
         if self.contrastive_labels == "intents" and self.loss != "supcon":
             raise ValueError(f"--contrastive-labels intents with --loss {self.loss}: only supcon uses labels; "
                              "pass --loss supcon, or --contrastive-labels labels")
+        if self.simclr_negatives != "all" and self.loss != "simclr":
+            raise ValueError(f"--simclr-negatives {self.simclr_negatives} with --loss {self.loss}: it changes SimCLR's "
+                             "negatives only; pass --loss simclr, or --simclr-negatives all")
         if world > 1 and self.stage1_epochs:
             raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
                              "would be split across processes); start a single process")
@@ -213,6 +219,7 @@ CHOICES = {
     "select": ("last", "dev-best"),
     "supervise": ("labels", "intents", "both"),
     "contrastive_labels": ("labels", "intents"),
+    "simclr_negatives": ("all", "other-labels"),
     "pooling": ("cls", "mean"),
 }
 

@@ -275,6 +275,8 @@ BAD_COMBINATIONS = [
     (["--warmup-steps", "10"], "--warmup-steps 10 with --scheduler constant"),
     (["--experiment", "best", "--scheduler", "constant"], "--warmup-ratio 0.06 with --scheduler constant"),
     (["--layer-decay", "0.8", "--stage2", "probe"], "--layer-decay 0.8 with --stage2 probe"),
+    (["--experiment", "supcon", "--simclr-negatives", "other-labels"], "--simclr-negatives other-labels with --loss "
+                                                                       "supcon"),
 ]
 # The lab's commands and evaluate.py: (main, argv, what the line says).
 BAD_LAB_NUMBERS = [

@@ -202,3 +202,22 @@ def test_a_mean_pooled_run_reloads_with_its_pooling(tiny_model, small_massive, t
     (run / "model.json").write_text(json.dumps({**meta, "pooling": "max"}))
     with pytest.raises(SystemExit, match="model.json: pooling 'max', expected cls or mean"):
         evaluate.main([str(run), "--data", str(small_massive)])
+
+
+def test_simclr_without_false_negatives_hides_same_label_views(tiny_model, small_massive, tmp_path, monkeypatch):
+    """--simclr-negatives other-labels hands the batch's labels to SimCLR as the ids to leave out
+    of each softmax; plain SimCLR hands none."""
+    import minibert.losses
+
+    seen = []
+    loss = minibert.losses.supcon_loss
+    monkeypatch.setattr(minibert.losses, "supcon_loss",
+                        lambda *a, **k: (seen.append(k.get("unseen")), loss(*a, **k))[1])
+    common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--experiment", "simclr",
+              "--contrastive-epochs", "1", "--epochs", "1", "--no-test"]
+    run = train.setup(train.parse_args([*common, "--out", str(tmp_path / "a"), "--simclr-negatives", "other-labels"]))
+    cases.batch_loss(run, torch.arange(16), contrastive_stage=True)
+    assert torch.equal(seen[-1], run.splits["train"].labels[:16])
+    run = train.setup(train.parse_args([*common, "--out", str(tmp_path / "b")]))
+    cases.batch_loss(run, torch.arange(16), contrastive_stage=True)
+    assert seen[-1] is None

@@ -1,5 +1,7 @@
 """SupCon and SimCLR: the authors' formula, an independent implementation, and invariants."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,32 @@ def test_reduced_precision_features_move_the_loss_by_their_rounding_only(stored,
     # The worst case for bf16 (0.22) is looser than the 5e-2 this test held before; keep the
     # tighter of the two (measured: 2.2e-3 bf16, 7.3e-4 fp16).
     assert abs(low.item() - supcon_loss(f, labels).item()) <= min(4 * u / 0.07, 5e-2)
+
+
+def false_negatives_left_out_by_hand(features, labels, temperature=0.07):
+    """SimCLR with each anchor's softmax over its partner view and the views of sentences of other
+    labels only, written out with loops in float64."""
+    B = len(features)
+    z = F.normalize(torch.cat([features[:, 0], features[:, 1]]).double(), dim=-1)  # (2B, D), view-major
+    label = labels.repeat(2)
+    total = 0.0
+    for i in range(2 * B):
+        partner = (i + B) % (2 * B)
+        terms = [k for k in range(2 * B) if k != i and (k == partner or label[k] != label[i])]
+        denominator = sum(math.exp(z[i] @ z[k] / temperature) for k in terms)
+        total += -math.log(math.exp(z[i] @ z[partner] / temperature) / denominator)
+    return total / (2 * B)
+
+
+def false_negative_error(stored):
+    features, labels = stored["features"], stored["labels"]
+    assert len(set(labels.tolist())) < len(labels)  # sentences share labels: there are false negatives to drop
+    ours = simclr_loss(features, unseen=labels).item()
+    return abs(ours - false_negatives_left_out_by_hand(features, labels)), abs(ours - simclr_loss(features).item())
+
+
+def test_simclr_without_false_negatives_by_hand(stored):
+    """The diagnostic of --simclr-negatives other-labels: every term of the softmax as written by
+    hand; and it differs from SimCLR proper, whose softmax holds the same-label views too."""
+    error, change = false_negative_error(stored)
+    assert error <= TOL and change > 100 * TOL

@@ -164,3 +164,26 @@ def test_autocast_check_catches_a_loss_left_to_autocast(supcon_stored, monkeypat
 
     monkeypatch.setattr(torch, "autocast", autocast_that_cannot_be_disabled)
     assert autocast_error(supcon_stored["features"], supcon_stored["labels"]) > LOSS_TOL
+
+
+def test_false_negative_check_catches_the_partner_view_left_out(monkeypatch):
+    """The anchor's own partner, same label and all, left out of the softmax with the false negatives."""
+    from tests.test_losses import false_negative_error
+
+    loss = supcon_loss
+
+    def partner_left_out(features, labels=None, temperature=0.07, base_temperature=0.07, unseen=None):
+        if unseen is None:
+            return loss(features, labels, temperature, base_temperature)
+        B, V, D = features.shape
+        z = F.normalize(features.double(), dim=-1).transpose(0, 1).reshape(V * B, D)
+        ids, hidden = torch.arange(B).repeat(V), unseen.repeat(V)
+        logits = z @ z.T / temperature
+        counted = ~torch.eye(V * B, dtype=torch.bool) & (hidden[:, None] != hidden[None, :])
+        positive = (ids[:, None] == ids[None, :]) & ~torch.eye(V * B, dtype=torch.bool)
+        log_prob = logits[positive].reshape(V * B) - torch.logsumexp(logits.masked_fill(~counted, float("-inf")), 1)
+        return -log_prob.mean().float()
+
+    import minibert.losses
+    monkeypatch.setattr(minibert.losses, "supcon_loss", partner_left_out)
+    assert false_negative_error(load_file(cases.REFERENCE / "supcon.safetensors"))[0] > LOSS_TOL

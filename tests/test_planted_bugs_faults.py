@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import evaluate
-import train
 from lab import tune
 from minibert import runs
 from minibert.experiments import FIELDS, MAX_SEED, TrainConfig
