@@ -28,6 +28,7 @@ TINY = [
     TinyCase("tiny_bert_layout", 24, 2, 3, 50, 99, 4, 9, bert_layout=True, seed=1),
 ]
 
+MAX_LEN = 20  # the paper's sentence length, at which the stored MiniLM reference was tokenized
 SENTENCES = [
     "wake me up at seven tomorrow",
     "what's the weather like in paris this weekend",

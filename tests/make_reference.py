@@ -48,7 +48,7 @@ def save_minilm(folder):
     from transformers import BertModel, BertTokenizerFast
 
     tokenizer = BertTokenizerFast.from_pretrained(folder)
-    batch = tokenizer(cases.SENTENCES, truncation=True, max_length=20, padding=True, return_tensors="pt")
+    batch = tokenizer(cases.SENTENCES, truncation=True, max_length=cases.MAX_LEN, padding=True, return_tensors="pt")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "token_type_ids": batch["token_type_ids"]}
     hf = BertModel.from_pretrained(folder).eval().double()

@@ -45,7 +45,7 @@ def test_tiny_checkpoints_match_stored_reference(case):
 def test_minilm_matches_stored_reference(minilm):
     model, tokenizer, _ = minilm
     io = load_file(cases.REFERENCE / "minilm.safetensors")
-    input_ids, attention_mask = tokenizer(cases.SENTENCES)
+    input_ids, attention_mask = tokenizer(cases.SENTENCES, max_len=cases.MAX_LEN)
     assert torch.equal(input_ids, io["input_ids"]) and torch.equal(attention_mask, io["attention_mask"])
     assert minilm_error(model) <= TOL_FP32
 
@@ -75,7 +75,7 @@ def test_fresh_random_configs_match_transformers_live(transformers, seed, tmp_pa
 def test_minilm_matches_transformers_live(transformers, minilm, minilm_dir):
     model, tokenizer, _ = minilm
     hf = transformers.BertModel.from_pretrained(minilm_dir).eval()
-    input_ids, attention_mask = tokenizer(cases.SENTENCES[::-1])
+    input_ids, attention_mask = tokenizer(cases.SENTENCES[::-1], max_len=cases.MAX_LEN)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "token_type_ids": torch.zeros_like(input_ids)}
     expected = {**inputs, **cases.hf_outputs(hf, inputs)}
