@@ -150,7 +150,7 @@ def test_supcon_parity_catches_self_pairs_left_in(supcon_stored, monkeypatch):
 
 def test_supcon_parity_catches_simcses_temperature(supcon_stored, monkeypatch):
     """τ = 0.05 (SimCSE's) as the default instead of 0.07 (the paper's)."""
-    monkeypatch.setattr(supcon_loss, "__defaults__", (None, 0.05, 0.07))
+    monkeypatch.setattr(supcon_loss, "__defaults__", (None, 0.05, 0.07, None))
     assert pml_error(supcon_stored) > LOSS_TOL
 
 
