@@ -3,6 +3,10 @@
 
     python -m lab.stage1 runs/simclr-all-MiniLM-L6-v2-s0/checkpoint.safetensors --model all-MiniLM-L6-v2 \\
         --out results/authors/all-MiniLM-L6-v2-e10/simclr-swa-cosine-s0/stage1-embeddings.json
+    python -m lab.stage1 --train FOLDER [train.py flags]    # train stage 1 alone, then measure
+
+With --train, train.py's own setup and loop run the contrastive epochs of the flags given (its
+classifier stage is not run) into FOLDER, whose metrics.jsonl and stage1-embeddings.json remain.
 
 A run keeps one checkpoint, its last completed epoch's: copy it when the last contrastive epoch has
 completed (its metadata's epoch equals the run's contrastive epochs). The figures are those that
@@ -11,6 +15,7 @@ train split), so they compare with results/representations/pretrained/embeddings
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,7 +28,27 @@ from minibert.runs import checkpoint_state, load_into, load_tensors, write_json
 from minibert.weights import load_pretrained
 
 
+def train_stage1(folder, flags):
+    """Run the contrastive epochs of `flags` with train.py into `folder` → its checkpoint at the end of stage 1."""
+    import train
+
+    run = train.setup(train.parse_args([*flags, "--out", str(folder), "--no-test"]))
+    if not run.config.stage1_epochs:
+        sys.exit("python -m lab.stage1 --train: the flags train no contrastive stage; pass --loss simclr or supcon "
+                 "with --contrastive-epochs N")
+    for epoch in range(run.start_epoch, run.config.stage1_epochs):
+        train.train_epoch(run, epoch)
+    return run.checkpoint, ["--model", run.config.model, *(["--data", run.args.data] if run.args.data else [])]
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--train"]:
+        if len(argv) < 2:
+            sys.exit("python -m lab.stage1 --train FOLDER [train.py flags]: name the folder")
+        folder = Path(argv[1])
+        checkpoint, source = train_stage1(folder, argv[2:])
+        return main([str(checkpoint), *source, "--out", str(folder / "stage1-embeddings.json")])
     p = Parser(prog="python -m lab.stage1", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a contrastive run's checkpoint.safetensors, copied at the end of stage 1")
     p.add_argument("--model", required=True, help="the pretrained model the run started from")
