@@ -3,9 +3,8 @@
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from torch import nn
-
 from . import schedule
+from .lora import linear_names, targets_problem
 from .model import BertConfig, Layer
 
 
@@ -142,10 +141,9 @@ class TrainConfig:
         if self.layer_decay < 1 and self.stage2 == "probe":
             raise ValueError(f"--layer-decay {self.layer_decay} with --stage2 probe: the encoder is frozen, no layer "
                              "trains to decay; pass --layer-decay 1, or --stage2 finetune")
-        unknown = [t for t in self.lora_target_list if t not in LORA_TARGETS]
-        if unknown or not self.lora_target_list:
-            what = f"no Linear module is named {' or '.join(unknown)}" if unknown else "names no module"
-            raise ValueError(f"--lora-targets {self.lora_targets!r}: {what}; give comma-separated names "
+        problem = targets_problem(self.lora_target_list, LORA_TARGETS)
+        if problem:
+            raise ValueError(f"--lora-targets {self.lora_targets!r}: {problem}; give comma-separated names "
                              f"from {','.join(LORA_TARGETS)}")
         if self.loss != "ce" and self.contrastive_epochs == 0:
             raise ValueError(f"--loss {self.loss} with --contrastive-epochs 0 would train cross-entropy alone; pass "
@@ -205,9 +203,7 @@ def flag(name):
 
 # What --lora-targets may name: the Linear modules of an encoder layer (model.py fixes the names,
 # so a one-unit layer lists them).
-LORA_TARGETS = tuple(name for name, module in Layer(BertConfig(hidden_size=1, num_attention_heads=1,
-                                                                intermediate_size=1)).named_children()
-                     if isinstance(module, nn.Linear))
+LORA_TARGETS = linear_names(Layer(BertConfig(hidden_size=1, num_attention_heads=1, intermediate_size=1)))
 
 
 CHOICES = {

@@ -47,15 +47,27 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
-    """Freeze every parameter of `model`, then wrap each Linear whose name is in `targets`.
-    Every target must name at least one Linear: a typo would otherwise adapt less than asked."""
-    linear = {child_name for module in model.modules() for child_name, child in module.named_children()
-              if isinstance(child, nn.Linear)}
+def linear_names(model):
+    """The names the Linear modules of `model` go by (query, key, ... in an encoder layer)."""
+    return sorted({child_name for module in model.modules() for child_name, child in module.named_children()
+                   if isinstance(child, nn.Linear)})
+
+
+def targets_problem(targets, linear):
+    """What is wrong with LoRA `targets` among the Linear names `linear`, or None. Every target must
+    name at least one Linear: a typo would otherwise adapt less than asked."""
     unknown = [t for t in targets if t not in linear]
-    if unknown or not targets:
-        what = f"no Linear module is named {' or '.join(unknown)}" if unknown else "names no module"
-        raise ValueError(f"LoRA targets {','.join(targets)!r}: {what}; choose from {','.join(sorted(linear))}")
+    if unknown:
+        return f"no Linear module is named {' or '.join(unknown)}"
+    return None if targets else "names no module"
+
+
+def apply_lora(model, r, alpha, dropout=0.0, targets=("query", "value")):
+    """Freeze every parameter of `model`, then wrap each Linear whose name is in `targets`."""
+    linear = linear_names(model)
+    problem = targets_problem(targets, linear)
+    if problem:
+        raise ValueError(f"LoRA targets {','.join(targets)!r}: {problem}; choose from {','.join(linear)}")
     model.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
