@@ -18,8 +18,10 @@ beside the machine's matmul peak measured here, so the distance to the limit sho
 """
 
 import argparse
+import platform
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from torch import nn
 
 from minibert.classifier import ScenarioClassifier
 from minibert.data import batch_order, encode, load_massive
+from minibert.runs import cpu_model
 from minibert.weights import load_pretrained, resolve
 
 
@@ -105,6 +108,17 @@ def autocast_for(precision):
     return nullcontext if precision == "fp32" else lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def cpu_flags():
+    """The instruction sets that decide a CPU's matmul speed, as the OS and torch report them."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    listed = [name for name in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
+    return (f"flags {' '.join(listed) or 'unknown'}; torch: avx512_bf16 {torch.cpu._is_avx512_bf16_supported()}, "
+            f"amx {torch.cpu._is_amx_tile_supported()}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="all-MiniLM-L6-v2")
@@ -149,6 +163,7 @@ def main():
 
     peaks = {precision: matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16)
              for precision in args.precision}
+    print(f"cpu: {cpu_model()}, {platform.machine()}; {cpu_flags()}")
     print(f"training step, {args.model}, batch 16, max length 20, cpu, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, fused AdamW on both sides")
     print(f"median of {args.rounds} rounds of {args.steps} steps each; matmul peak measured here: "
