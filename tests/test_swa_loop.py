@@ -19,7 +19,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel
 
 import train
 from minibert import schedule
-from minibert.experiments import FLAGS, PRESETS
+from minibert.experiments import PRESETS
 from minibert.swa import WeightAverage
 
 STEPS_PER_EPOCH = 3
@@ -137,7 +137,7 @@ def test_learning_rate_in_metrics_is_what_the_loop_applied(experiment, flags, sm
     run = train.main(["--model", str(ROOT / "tests/reference/tiny_odd"), "--data", str(small_massive),
                       "--experiment", experiment, *flags, "--out", str(tmp_path / "run"), "--no-test",
                       "--max-len", "16"])
-    config = PRESETS[experiment].override(**{k: getattr(train.parse_args(flags), k) for k in FLAGS})
+    config = train.config_from(train.parse_args(["--experiment", experiment, *flags]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = rows[0]["step"]
     classifier = [r for r in rows if r["stage"] == "classifier"]

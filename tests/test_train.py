@@ -14,7 +14,6 @@ import torch
 
 import evaluate
 import train
-from minibert.experiments import FLAGS
 from minibert.runs import read_json
 from tests.cases import REFERENCE
 
@@ -609,7 +608,7 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
         parsed = train.parse_args(argv[2:])
         assert parsed.no_test and parsed.select == "dev-best" and parsed.experiment == "search"
         assert parsed.precision == "fp32"  # a run setting passed through, not a lever
-    config = PRESETS["search"].override(**{k: getattr(train.parse_args(plan[1][1][2:]), k) for k in FLAGS})
+    config = train.config_from(train.parse_args(plan[1][1][2:]))
     assert config == PRESETS["search"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=4.0,
                                               select="dev-best")
     trained = PRESETS["search"].override(epochs=3, select="dev-best").to_dict()
