@@ -14,13 +14,15 @@ import torch
 
 from minibert.classifier import ScenarioClassifier
 from minibert.cli import Parser
-from minibert.data import encode, load_massive
+from minibert.data import add_data_flags, encode, load_data, load_massive, source_from
 from minibert.representations import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
 from minibert.experiments import CHOICES, MAX_SEED, TrainConfig
 from minibert.fetch import DownloadError
-from minibert.runs import device_name, load_run, pick_device, write_csv, write_json, write_results
+from minibert.predictor import TrainedRun
+from minibert.device import device_name, pick_device
+from minibert.runs import load_model, write_csv, write_json, write_results
 from minibert.weights import load_pretrained
 
 
@@ -29,7 +31,6 @@ def parse_args(argv=None):
     p.add_argument("run_dir", nargs="?", help="a run folder written by train.py")
     p.add_argument("--split", choices=["dev", "test"], default=None, help="with RUN_DIR: the split to evaluate "
                    "(default test)")
-    p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
     sentences = p.add_mutually_exclusive_group()
     sentences.add_argument("--predict", metavar="TEXT", help="classify one sentence instead")
     sentences.add_argument("--predict-file", metavar="PATH",
@@ -52,6 +53,7 @@ def parse_args(argv=None):
                    help="with --zero-shot: the sentence vector the head and --embeddings read (default cls, the "
                         "paper's); a run reads what it was trained with")
     p.add_argument("--out", default=None, help="with --zero-shot: run folder for its results.json")
+    add_data_flags(p)
     args = p.parse_args(argv)
     if args.zero_shot == bool(args.run_dir):
         p.error("give either RUN_DIR or --zero-shot")
@@ -103,7 +105,7 @@ def report(split_name, logits, labels, names):
 
 def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
     """The representation analysis on the test split, against the training split for k-NN."""
-    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), "scenario"), max_len)
+    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name)), max_len)
               for name in ("train", "test")}
     z = {name: embed(model, encoded) for name, encoded in splits.items()}
     labels = {name: encoded.labels for name, encoded in splits.items()}
@@ -130,11 +132,11 @@ def zero_shot(args, argv):
     """The paper's experiment 1: no training at all, so accuracy lands near chance (1/18)."""
     config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed or 0, epochs=0,
                          pooling=args.pooling or "cls")
-    data = load_massive(args.data)
+    data = load_data(source_from(args))
     torch.manual_seed(config.seed)
     encoder, tokenizer, _ = load_pretrained(config.model)
     model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, pooling=config.pooling)
-    test = encode(tokenizer, data.test, data.label_ids(data.test, "scenario"), config.max_len)
+    test = encode(tokenizer, data.test, data.label_ids(data.test), config.max_len)
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
     pooled = "" if config.pooling == "cls" else f"-{config.pooling}"
     run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}{pooled}-s{config.seed}")
@@ -159,34 +161,36 @@ def main(argv=None):
 
 def evaluate_run(args):
     device = torch.device("cpu") if args.embeddings or args.weight_changes else pick_device(args.device or "auto")
-    model, tokenizer, meta = load_run(args.run_dir)
+    model, tokenizer, meta = load_model(args.run_dir)
     model.to(device)
     if args.model and args.model != meta["model"]:
         raise ValueError(f"{args.run_dir} was trained from {meta['model']}, not {args.model}")
-    if args.predict is not None:
-        probability, label = classify(model, tokenizer, [args.predict], meta["max_len"], device)
-        print(f"{meta['labels'][label[0]]} ({probability[0]:.3f})")
+    if args.predict is not None:  # what minibert.load_run(RUN_DIR).predict returns
+        labels, probabilities = TrainedRun(model, tokenizer, meta, device).predict([args.predict])
+        print(f"{labels[0]} ({probabilities[0].max():.3f})")
         return
     if args.predict_file is not None:
         sentences = read_sentences(args.predict_file)
-        probability, label = classify(model, tokenizer, sentences, meta["max_len"], device)
-        for p, i, sentence in zip(probability.tolist(), label.tolist(), sentences):
-            print(f"{meta['labels'][i]}\t{p:.4f}\t{sentence}")
+        labels, probabilities = TrainedRun(model, tokenizer, meta, device).predict(sentences)
+        for label, p, sentence in zip(labels, probabilities.max(1).values.tolist(), sentences):
+            print(f"{label}\t{p:.4f}\t{sentence}")
         return
     if args.weight_changes:
         return report_weight_changes(model, meta, Path(args.run_dir))
     if args.embeddings:
         # Measured by scenario whatever labels the run trained on, so that every run compares.
-        data = load_massive(args.data)
+        data = load_data(source_from(args))
         analyse_embeddings(model, tokenizer, data, meta["max_len"], args.run_dir, Path(args.run_dir).name)
         return
-    data = load_massive(args.data, labels=meta["label_kind"])
+    source = source_from(args)
+    data = load_data(source) if source.own else load_massive(source.path, labels=meta["label_kind"])
     if list(data.labels) != meta["labels"]:
         raise ValueError(f"the run's {len(meta['labels'])} labels do not match the data's "
-                         f"{len(data.labels)} {meta['label_kind']} labels; pass the --data it was trained on")
+                         f"{len(data.labels)} {meta['label_kind']} labels; pass the --data (and its column and "
+                         "split flags) it was trained on")
     split = args.split or "test"
     examples = data.split(split)
-    encoded = encode(tokenizer, examples, data.label_ids(examples, meta["label_kind"]), meta["max_len"])
+    encoded = encode(tokenizer, examples, data.label_ids(examples), meta["max_len"])
     logits = predict(model, encoded, device, fast=device.type == "cuda")  # a GPU replays a CUDA graph
     result = report(split, logits, encoded.labels, data.labels)
     run_dir = Path(args.run_dir)
@@ -242,18 +246,6 @@ def read_sentences(path):
     if not sentences:
         raise ValueError(f"--predict-file {path}: no sentences; give one per line")
     return sentences
-
-
-@torch.no_grad()
-def classify(model, tokenizer, sentences, max_len, device, batch_size=256):
-    """→ (probability, label index) of each sentence's most likely label, both (N,); the sentences
-    go through in batches, each padded to its longest sentence."""
-    probabilities = []
-    for start in range(0, len(sentences), batch_size):
-        input_ids, attention_mask = tokenizer(sentences[start:start + batch_size], max_len=max_len)
-        logits = model(input_ids.to(device), attention_mask.to(device))  # (B, n_labels)
-        probabilities.append(logits.float().softmax(-1).cpu())
-    return torch.cat(probabilities).max(1)
 
 
 if __name__ == "__main__":

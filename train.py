@@ -7,19 +7,17 @@
 A preset (minibert/experiments.py) fixes the paper's hyperparameters; every flag overrides it.
 Records go to runs/<experiment>-<model>-s<seed>/ (see minibert/runs.py).
 
-The script reads in three parts: setup() builds the run (or restores it from its checkpoint),
-train_epoch() is the loop (forward, loss, backward, clip, step, schedule, log), finish()
-evaluates and writes the records.
+The script reads top to bottom in three parts: setup() builds the run (or restores it from its
+checkpoint), train_epoch() is the loop (forward, loss, backward, clip, step, schedule, log),
+finish() evaluates and writes the records.
 """
 
 import argparse
 import math
-import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -32,17 +30,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.cli import Parser
-from minibert.data import batch_order, encode, load_massive, to_device
-from minibert.evaluation import contrastive_metrics, evaluate
-from minibert.experiments import CHOICES, FIELDS, FLAGS, PRESETS, TrainConfig
+from minibert.data import add_data_flags, batch_order, describe, encode, load_data, source_from, to_device
+from minibert.device import (autocast_and_scaler, pick_device, pick_fast, pick_precision, setup_distributed,
+                             world_size)
+from minibert.evaluation import contrastive_record, evaluate
+from minibert.experiments import TrainConfig, add_config_flags, config_from
 from minibert.fast import EpochBatches, Replay
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
-from minibert.runs import (WriteError, check_run_dir, check_same_config, checkpoint_state, device_name,
-                           history_record, load_checkpoint, load_into, load_tensors, parameter_counts, peak_memory,
-                           pick_device, save_checkpoint, save_model, save_tensors, trainable_state, write_jsonl,
-                           write_results)
+from minibert.runs import (WriteError, check_resumable, check_run_dir, checkpoint_state, load_checkpoint, load_into,
+                           load_tensors, save_checkpoint, save_model, save_tensors, trainable_state, write_jsonl,
+                           write_training_results)
 from minibert.schedule import averages_after, learning_rate
 from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
@@ -51,27 +50,14 @@ from minibert.weights import load_pretrained, read_config
 
 def parse_args(argv=None):
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiment", choices=sorted(PRESETS), default="baseline",
-                   help="preset of the paper's hyperparameters; flags below override it (default: baseline)")
-    for name in FLAGS:  # one flag per TrainConfig field, its help beside the field
-        default, help = FIELDS[name].default, FIELDS[name].metadata["help"]
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-        else:
-            p.add_argument(flag, type=type(default), choices=CHOICES.get(name), default=None,
-                           help=f"{help} (preset: {default})")
+    add_config_flags(p)  # --experiment, and a flag for each TrainConfig field
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto (the default): cuda, then mps, then cpu")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
-                   help="auto (the default): bf16 autocast where the device runs bf16 matmuls natively (a GPU that "
-                        "supports it; a CPU with AVX512-BF16 or AMX where a one-off check finds bf16 faster than "
-                        "fp32), else fp32. The figures recorded for dev and test are fp32 whatever the choice")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="the fast path: batches padded to --max-len, nothing that waits for the device, and on a GPU "
                         "the whole step replayed from one CUDA graph (on the CPU the same step runs eagerly). "
                         "Default: on for one GPU process in bf16 or fp32, off elsewhere")
-    p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
+    add_data_flags(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<model>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: 100)")
@@ -83,99 +69,6 @@ def parse_args(argv=None):
     return args
 
 
-def config_from(args):
-    """The preset, with every flag that was given in its place."""
-    return PRESETS[args.experiment].override(**{name: getattr(args, name) for name in FLAGS})
-
-
-# ---- processes, device and precision: decided once, here ---------------------------------------
-
-def world_size():
-    """How many processes train: torchrun's WORLD_SIZE, 1 without it."""
-    value = os.environ.get("WORLD_SIZE", "1")
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"WORLD_SIZE={value!r}: not a number of processes; start several with "
-                         "torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE")
-    return int(value)
-
-
-def setup_distributed(device):
-    """→ (rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
-    between GPUs, gloo between CPU processes."""
-    world = world_size()
-    if world == 1:
-        return 0, 1
-    if not all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")):
-        raise ValueError(f"WORLD_SIZE={world} but no RANK, LOCAL_RANK, MASTER_ADDR or MASTER_PORT: start several "
-                         "processes with torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE")
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
-def native_bf16(device):
-    """Whether `device` runs bf16 matmuls in hardware, as torch reports it. Elsewhere bf16 is
-    emulated, and on a CPU that is an order of magnitude slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
-def bf16_pays_off(device):
-    """Whether bf16 matmuls beat fp32 here, measured once (a few milliseconds). On a GPU that runs
-    bf16 they do; a CPU may report the instructions and still run torch's bf16 kernels slower
-    than its fp32 ones (the kernels differ between CPU generations and torch builds)."""
-    if device.type != "cpu":
-        return True
-    a, b = torch.randn(256, 1024), torch.randn(1024, 1024)  # a BERT-base layer's matmul, 256 word-pieces
-
-    def seconds(dtype):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y  # the first call pays for allocation
-        started = time.perf_counter()
-        for _ in range(5):
-            x @ y
-        return time.perf_counter() - started
-
-    return seconds(torch.bfloat16) < seconds(torch.float32)
-
-
-def pick_precision(device, name):
-    """→ the precision's name: fp32, bf16 or fp16. Decided once; model code never asks. By default
-    (auto) bf16 autocast where the device runs bf16 natively and it pays off, fp32 elsewhere."""
-    if name not in (None, "auto"):
-        return name
-    return "bf16" if native_bf16(device) and bf16_pays_off(device) else "fp32"
-
-
-def pick_fast(device, requested, precision, world):
-    """--fast: None (the default) turns it on where it pays and works, one GPU process in bf16 or
-    fp32; asked for where it cannot work, it is refused with the reason."""
-    blockers = [why for why, applies in (
-        ("--precision fp16 (its loss scaler reads the gradients' finiteness on the host every step)",
-         precision == "fp16"),
-        (f"{world} processes (the fast path runs in one)", world > 1)) if applies]
-    if requested is None:
-        return device.type == "cuda" and not blockers
-    if requested and blockers:
-        raise ValueError(f"--fast cannot run with {blockers[0]}; drop --fast or that setting")
-    return requested
-
-
-def autocast_and_scaler(device, precision, fast):
-    """→ (autocast factory, gradient scaler or None). fp16 has too little range for BERT's
-    gradients without loss scaling; bf16 needs none. A CUDA graph replays the weights' bf16
-    copies from the addresses it recorded, so the fast path keeps autocast's cache of them off."""
-    if precision == "fp32":
-        return nullcontext, None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=not fast), scaler
-
-
 @dataclass
 class Run:
     """Everything a training run holds from one epoch to the next."""
@@ -183,12 +76,13 @@ class Run:
     args: argparse.Namespace
     device: torch.device
     rank: int
-    world: int
-    precision: str
+    world: int  # processes (torchrun); each trains on every world-th sentence of a batch
+    precision: str  # fp32, bf16 or fp16: config.precision, with auto decided
     fast: bool  # the fast path: static shapes, no host sync, a CUDA graph on a GPU
     autocast: Callable  # () → a context: autocast, or nothing in fp32
     scaler: torch.amp.GradScaler | None  # fp16 only
     labels: tuple
+    data: dict  # what results.json keeps of the data: its split and sizes
     intents: dict  # split → (N,) intent ids, for --supervise and --contrastive-labels
     tokenizer: Tokenizer
     model: ScenarioClassifier
@@ -198,11 +92,11 @@ class Run:
     splits: dict  # train / dev / test, encoded
     run_dir: Path
     average: WeightAverage | None  # SWA only
-    optimizer: torch.optim.Optimizer | None = None  # made once the run is built
+    optimizer: torch.optim.Optimizer | None = None
     start_epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
-    replay: Replay | None = None  # the fast path's step for the current optimizer
+    replay: Replay | None = None  # the fast path's recorded step, for the current optimizer
     totals: tuple = ()  # (loss sum, correct count) of the epoch so far, on the device
 
     @property
@@ -243,7 +137,7 @@ def main(argv=None):
                  "the same command and --resume")
 
 
-# ---- setup --------------------------------------------------------------------------------------
+# ---- setup: device, precision, processes, data, model, optimizer --------------------------------
 
 def setup(args):
     config = config_from(args)
@@ -251,14 +145,14 @@ def setup(args):
     if args.out:
         check_run_dir(Path(args.out), args.resume, config)
     device = pick_device(args.device)
-    rank, world = setup_distributed(device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    precision = pick_precision(device, args.precision)
+    rank, world, device = setup_distributed(device)  # under torchrun: one process per GPU or CPU share
+    precision = pick_precision(device, config.precision)
     fast = pick_fast(device, args.fast, precision, world)
     autocast, scaler = autocast_and_scaler(device, precision, fast)
 
-    data = load_massive(args.data, labels=config.labels)
+    source = source_from(args)
+    data = load_data(source, labels=config.labels)
+    config.check_data(data.has_intents)  # MASSIVE's intents, for the levers that use them
     model, contrastive, tokenizer = build_models(config, data, rank, world)
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
     trained.to(device)
@@ -267,7 +161,7 @@ def setup(args):
     learner = model.head if config.stage2 == "probe" else model
     if world > 1:
         learner = DistributedDataParallel(learner)
-    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), config.labels),
+    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name)),
                            config.max_len) for name in ("train", "dev", "test")}
     short = len(splits["train"]) % config.batch_size
     if 0 < short < world:
@@ -280,11 +174,10 @@ def setup(args):
     run_dir.mkdir(parents=True, exist_ok=True)
 
     run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision, fast=fast,
-              autocast=autocast, scaler=scaler, labels=data.labels,
+              autocast=autocast, scaler=scaler, labels=data.labels, data=describe(source, data),
               intents={name: torch.tensor(data.intent_ids(data.split(name))) for name in splits},
-              tokenizer=tokenizer, model=model,
-              contrastive=contrastive, trained=trained, learner=learner, splits=splits, run_dir=run_dir,
-              average=WeightAverage(model) if config.swa else None)
+              tokenizer=tokenizer, model=model, contrastive=contrastive, trained=trained, learner=learner,
+              splits=splits, run_dir=run_dir, average=WeightAverage(model) if config.swa else None)
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
     if args.resume and run.checkpoint.exists():
         restore(run)
@@ -320,12 +213,7 @@ def build_models(config, data, rank, world):
 def restore(run):
     """Continue from the checkpoint of the last completed epoch, or refuse if it was another run."""
     saved = checkpoint_state(run.checkpoint)
-    check_same_config(saved["config"], run.config.to_dict(), run.run_dir)
-    for what, now in (("precision", run.precision), ("processes", run.world)):
-        then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
-        if then != now:
-            raise ValueError(f"cannot resume {run.run_dir}: it was trained with {what} {then}, not {now}; "
-                             f"resume it as it started, or train again with another --out")
+    check_resumable(saved, run.config, run.precision, run.world, run.run_dir)
     stage1 = run.config.stage1_epochs
     run.start_epoch = saved["epoch"]
     # AdamW's moments carry over only within a stage: stage 2 starts with a fresh optimizer.
@@ -390,7 +278,12 @@ def train_epoch(run, epoch):
         # The contrastive stage runs at the peak rate; the schedule counts the classifier's own steps.
         lr = config.lr if contrastive_stage else learning_rate(
             config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
-        set_learning_rate(run, lr)
+        for group in run.optimizer.param_groups:  # a tensor on the fast path: set in place
+            rate = lr * group.get("lr_scale", 1.0)
+            if run.fast:
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
         step(i - 1, index)                                    # forward, loss, backward, clip, step
         run.step += 1                                         # schedule: the next lr above
         window = (window[0] + len(index), window[1])
@@ -399,31 +292,25 @@ def train_epoch(run, epoch):
     end_of_epoch(run, epoch, order, *run.totals, lr, time.perf_counter() - started)
 
 
-def set_learning_rate(run, lr):
-    for group in run.optimizer.param_groups:
-        if run.fast:
-            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
-        else:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 def stepper(run, contrastive_stage, order):
     """→ step(i, index): train on batch i of the epoch, whose sentences are `index`. Eagerly, each
-    batch is this process's shard, copied to the device when its turn comes. On the fast path the
-    epoch is copied once, every row padded to max_len, and each full batch replays one recorded
-    step (a CUDA graph on a GPU; minibert/fast.py); the short last batch runs eagerly."""
+    batch is this process's shard, copied to the device when its turn comes. The fast path copies
+    the epoch once, every row padded to max_len, and replays one recorded step (minibert/fast.py)."""
+    step = partial(train_step, run, contrastive_stage)
     if not run.fast:
-        return lambda i, index: train_step(run, contrastive_stage, len(index), *shard_on_device(run, index))
-    batches = EpochBatches.build(run.splits["train"], order, run.intents["train"], run.device)
+        return lambda i, index: step(len(index), *shard_on_device(run, index))
     if run.replay is None:
-        run.replay = Replay(partial(train_step, run, contrastive_stage, run.config.batch_size), run.device)
+        run.replay = Replay(partial(step, run.config.batch_size), run.device)
+    batches = EpochBatches.build(run.splits["train"], order, run.intents["train"], run.device)
+    replay = run.replay.epoch(batches, run.config.batch_size, step)
+    return lambda i, index: replay(i)
 
-    def step(i, index):
-        if len(index) == run.config.batch_size:
-            run.replay(*batches[i])
-        else:
-            train_step(run, contrastive_stage, len(index), *batches[i])
-    return step
+
+def shard_on_device(run, index):
+    """This process's share of a batch, every world-th sentence, on the device →
+    (input_ids, attention_mask or None, labels, intents)."""
+    shard = index[run.rank::run.world]
+    return to_device((*run.splits["train"].batch(shard), run.intents["train"][shard]), run.device)
 
 
 def log_progress(run, epoch, i, order, lr, window):
@@ -441,17 +328,20 @@ def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, int
     """Forward, loss, backward, clip, AdamW; the loss and the correct count are added to
     run.totals. Nothing here reads a value back from the device, so on the fast path a CUDA
     graph can record the whole of it. `n`: sentences in the whole batch, over every process."""
-    config = run.config
-    loss, logits = batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents)
+    with run.autocast():                                                     # forward, loss
+        if contrastive_stage:
+            loss, logits = contrastive_loss(run, input_ids, attention_mask, labels, intents), None
+        else:
+            loss, logits = classifier_loss(run, n, input_ids, attention_mask, labels, intents)
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler:                                                           # backward
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.optimizer)
     else:
         loss.backward()
-    if config.max_grad_norm:                                                 # clip
+    if run.config.max_grad_norm:                                             # clip
         torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
-                                       config.max_grad_norm)
+                                       run.config.max_grad_norm)
     if run.scaler:                                                           # step
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -461,22 +351,6 @@ def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, int
     loss_sum += loss.detach()
     if logits is not None:
         correct += (logits.argmax(1) == labels).sum()
-
-
-def shard_on_device(run, index):
-    """This process's share of a batch, every world-th sentence, on the device →
-    (input_ids, attention_mask or None, labels, intents)."""
-    shard = index[run.rank::run.world]
-    return to_device((*run.splits["train"].batch(shard), run.intents["train"][shard]), run.device)
-
-
-def batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
-    """The stage's loss on a batch on the device → (loss, label logits or None). The loss is the
-    mean over all `n` sentences of the batch, whatever this process's share of it."""
-    with run.autocast():
-        if contrastive_stage:
-            return contrastive_loss(run, input_ids, attention_mask, labels, intents), None
-        return classifier_loss(run, n, input_ids, attention_mask, labels, intents)
 
 
 def contrastive_loss(run, input_ids, attention_mask, labels, intents):
@@ -541,7 +415,7 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
     row = {"epoch": epoch + 1, "stage": "contrastive" if contrastive_stage else "classifier", "step": run.step,
            "lr": lr, "train_loss": loss_sum.item() / len(order)}
     if contrastive_stage and epoch == stage1 - 1:
-        row.update(contrastive_record(run))
+        row.update(stage1_record(run))
     if not contrastive_stage:
         if averages_after(config, epoch - stage1):
             run.average.update()
@@ -567,70 +441,43 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
         save_checkpoint(run.checkpoint, run.trained, run.optimizer, averaged=run.average, state=state)
 
 
-def contrastive_record(run):
-    """At the end of stage 1, what the paper reports as a contrastive row's "loss": the stage-1
-    loss of the encoder with its projection head, on dev and test, in fp32. The projection head,
-    which stage 2 no longer uses, is kept in the run folder."""
+def stage1_record(run):
+    """At the end of stage 1, what the paper reports as a contrastive row's "loss" (dev, test). The
+    projection head, which stage 2 no longer uses, is kept in the run folder."""
     if run.main_process:
         save_tensors(run.run_dir / "projection.safetensors", run.contrastive.projection.state_dict())
-    labelled = run.config.loss == "supcon"
-    record = {}
-    for split in ("dev",) + (() if run.args.no_test else ("test",)):
-        encoded = run.splits[split]
-        if run.config.contrastive_labels == "intents":  # the positives stage 1 trained with
-            encoded = replace(encoded, labels=run.intents[split])
-        # Its own fixed dropout stream: the two views of every sentence are the same on a re-run.
-        torch.manual_seed(run.config.seed * 1000 + 999_999)
-        metrics = contrastive_metrics(run.contrastive, encoded, run.device, labelled, run.config.temperature)
-        record.update({f"{split}_contrastive_loss": metrics["loss"],
-                       f"{split}_contrastive_loss_paper_sum": metrics["loss_paper_sum"]})
-    return record
+    splits = {split: run.splits[split] for split in ("dev",) + (() if run.args.no_test else ("test",))}
+    if run.config.contrastive_labels == "intents":  # the positives stage 1 trained with
+        splits = {split: replace(encoded, labels=run.intents[split]) for split, encoded in splits.items()}
+    return contrastive_record(run.contrastive, splits, run.device, run.config)
 
 
 # ---- finish: test, and the records --------------------------------------------------------------
 
 def finish(run, argv):
-    config, model, device = run.config, run.model, run.device
-    average = run.average
-    swa_dev = None
-    if average is not None and average.n_averaged:
+    config, model, device, average = run.config, run.model, run.device, run.average
+    swa = average is not None and average.n_averaged > 0
+    if swa:
         average.copy_to_model()  # the averaged weights are the ones evaluated and saved
     # The figures compared with the paper are computed in fp32, whatever the training precision.
-    final_dev = evaluate(model, run.splits["dev"], device, fast=run.fast)
-    if average is not None and average.n_averaged:
-        swa_dev = final_dev
-        run.log(f"SWA average of {average.n_averaged} epochs: dev accuracy {swa_dev['accuracy']:.4f}")
-    test_metrics = None if run.args.no_test else evaluate(model, run.splits["test"], device, fast=run.fast)
-    if test_metrics:
-        run.log(f"test: loss {test_metrics['loss']:.4f} (paper's sum over {test_metrics['n_batches']} batches: "
-                f"{test_metrics['loss_paper_sum']:.4f}) accuracy {test_metrics['accuracy']:.4f}")
+    dev = evaluate(model, run.splits["dev"], device, fast=run.fast)
+    if swa:
+        run.log(f"SWA average of {average.n_averaged} epochs: dev accuracy {dev['accuracy']:.4f}")
+    test = None if run.args.no_test else evaluate(model, run.splits["test"], device, fast=run.fast)
+    if test:
+        run.log(f"test: loss {test['loss']:.4f} (paper's sum over {test['n_batches']} batches: "
+                f"{test['loss_paper_sum']:.4f}) accuracy {test['accuracy']:.4f}")
     dev_best = select_dev_best(run) if config.select == "dev-best" else None
     if run.world > 1:  # leave together: a process whose peer has gone can abort on its way out
         dist.barrier()
         dist.destroy_process_group()
     if not run.main_process:
         return run.run_dir
-    save_model(run.run_dir, model, run.tokenizer, run.labels, config)
-    write_results(run.run_dir, "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv), {
-        "experiment": config.experiment,
-        "model": model.encoder.name,
-        "model_requested": config.model,
-        "hyperparameters": config.to_dict(),
-        "seed": config.seed,
-        "device": device_name(device) + (f" × {run.world} processes" if run.world > 1 else ""),
-        "precision": run.precision,
-        "native_bf16": native_bf16(device),  # the default precision's deciding fact
-        "eval_precision": "fp32",  # dev and test below; per-epoch dev figures use `precision`
-        # the fast path's steps: replayed from a CUDA graph, or the same static step run eagerly
-        "fast": ("cuda graph" if run.replay is not None and run.replay.captured else "eager") if run.fast else None,
-        "test": test_metrics,
-        "dev": final_dev,
-        **history_record(run.history, len(run.splits["train"]), run.steps_per_epoch),
-        "swa": {"n_averaged": average.n_averaged, "dev": swa_dev} if average is not None else None,
-        "dev_best": dev_best,  # --select dev-best: the kept epoch's figures; `test` above is the last epoch's
-        **parameter_counts(model, probe=config.stage2 == "probe"),
-        **peak_memory(device),
-    })
+    save_model(run.run_dir, model, run.tokenizer, run.labels, config, run.data.get("label_column", config.labels))
+    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    fast = ("cuda graph" if run.replay is not None and run.replay.captured else "eager") if run.fast else None
+    write_training_results(run.run_dir, command, config, model, device, run.world, run.precision, fast, run.data, dev,
+                           test, run.history, len(run.splits["train"]), run.steps_per_epoch, average, dev_best)
     # The run is complete: its record and weights are written, so the training state can go.
     run.checkpoint.unlink(missing_ok=True)
     run.best_weights.unlink(missing_ok=True)
@@ -657,8 +504,6 @@ def check_finite(loss, epoch, step, run_dir):
         raise ValueError(f"the loss became {loss} at epoch {epoch + 1} step {step}; stopping. "
                          f"{kept}. Try a lower --lr, or --precision fp32/bf16 instead of fp16.")
     return loss
-
-
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from minibert.cli import Parser
 from minibert.data import encode, load_massive
 from minibert.evaluation import accuracy_interval, predict
 from minibert.fetch import DownloadError
-from minibert.runs import load_run, write_json
+from minibert.runs import load_model, write_json
 
 
 def parse_args(argv=None):
@@ -78,14 +78,14 @@ def main(argv=None):
 def run(args):
     metas, probabilities, data = [], [], None
     for run_dir in args.run_dirs:
-        model, tokenizer, meta = load_run(run_dir)
+        model, tokenizer, meta = load_model(run_dir)
         if metas and (meta["label_kind"], meta["labels"]) != (metas[0]["label_kind"], metas[0]["labels"]):
             raise ValueError(f"{run_dir} predicts other labels ({meta['label_kind']}) than {args.run_dirs[0]} "
                              f"({metas[0]['label_kind']}); compare runs of one label set")
         if data is None:
             data = load_massive(args.data, labels=meta["label_kind"])
             examples = data.split(args.split)
-        encoded = encode(tokenizer, examples, data.label_ids(examples, meta["label_kind"]), meta["max_len"])
+        encoded = encode(tokenizer, examples, data.label_ids(examples), meta["max_len"])
         probabilities.append(predict(model, encoded, torch.device("cpu")).softmax(-1))
         metas.append(meta)
     result, every = agreement(torch.stack(probabilities), encoded.labels)

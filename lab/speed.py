@@ -29,7 +29,7 @@ from torch import nn
 
 from minibert.classifier import ScenarioClassifier
 from minibert.data import batch_order, encode, load_massive
-from minibert.runs import cpu_model
+from minibert.device import cpu_model
 from minibert.weights import load_pretrained, resolve
 
 
@@ -132,7 +132,7 @@ def main():
     data = load_massive(args.data)
     _, folder = resolve(args.model)
     encoder, tokenizer, config = load_pretrained(args.model)
-    train = encode(tokenizer, data.train, data.label_ids(data.train, "scenario"), 20)
+    train = encode(tokenizer, data.train, data.label_ids(data.train), 20)
     n = args.steps * args.rounds + 3
     g = torch.Generator().manual_seed(0)
     batches = {"random": [train.batch(i) for i in batch_order(train, 16, g)[:n]],
@@ -179,7 +179,7 @@ def main():
         print(f"  {name:<40} {ms:7.1f} ms/step {rate:6.1f} samples/s  {rate / reference:5.2f}x   "
               f"{gflops:5.1f} GFLOP/s = {100 * gflops / peaks[precision]:3.0f} % of {precision} peak")
 
-    dev = encode(tokenizer, data.dev, data.label_ids(data.dev, "scenario"), 20)
+    dev = encode(tokenizer, data.dev, data.label_ids(data.dev), 20)
     print("\nevaluation, batch 256, sorted by length:")
     hf = TransformersClassifier(folder, 18)
     ours = minibert()

@@ -69,7 +69,7 @@ def main(argv=None):
         data = load_massive(args.data)
     except (ValueError, DownloadError, OSError) as e:
         sys.exit(f"python -m lab.stage1: {e}")
-    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name), "scenario"),
+    splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name)),
                            config["max_len"]) for name in ("train", "test")}
     with torch.no_grad():
         z = {name: embed(model, encoded) for name, encoded in splits.items()}

@@ -6,6 +6,8 @@ test 2,974), the label its `scenario` (18 of them), or its `intent` (60) with `-
     python -m minibert.data     # puts en-US.jsonl in data/massive/ (MASSIVE_JSONL=... to copy one)
 """
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -37,13 +39,13 @@ FIELDS = ("partition", "scenario", "intent", "utt")
 @dataclass(frozen=True)
 class Example:
     text: str
-    scenario: str
-    intent: str
-    id: str = ""  # the record's `id`, so that a prediction can be traced back to its line
+    label: str  # what the run classifies: MASSIVE's scenario (or its intent, with --labels intent)
+    intent: str = ""  # MASSIVE's intent; "" in data of your own
+    id: str = ""  # where the example came from (MASSIVE's `id`, a file's line), to trace a prediction back
 
 
 @dataclass(frozen=True)
-class Massive:
+class Dataset:
     train: list
     dev: list
     test: list
@@ -52,9 +54,14 @@ class Massive:
     def split(self, name):
         return getattr(self, name)
 
-    def label_ids(self, examples, kind):
+    def label_ids(self, examples):
         index = {name: i for i, name in enumerate(self.labels)}
-        return [index[getattr(e, kind)] for e in examples]
+        return [index[e.label] for e in examples]
+
+    @property
+    def has_intents(self):
+        """Whether every example names an intent of its label (MASSIVE), for the levers that use them."""
+        return all(e.intent for split in (self.train, self.dev, self.test) for e in split)
 
     @property
     def intents(self):
@@ -68,7 +75,7 @@ class Massive:
 
     def intent_groups(self):
         """For each intent, the index of its scenario among the labels (scenario labels only)."""
-        scenario = {e.intent: e.scenario for split in (self.train, self.dev, self.test) for e in split}
+        scenario = {e.intent: e.label for split in (self.train, self.dev, self.test) for e in split}
         return [self.labels.index(scenario[intent]) for intent in self.intents]
 
 
@@ -164,8 +171,11 @@ def load_massive(path=None, labels="scenario"):
         if not examples:
             raise ValueError(f"{path}: no {name} examples (is the file empty or truncated?); run "
                              "`make data` again, or pass another --data file")
-    data = Massive(**splits, labels=SCENARIOS)
-    return data if labels == "scenario" else replace(data, labels=data.intents)
+    data = Dataset(**splits, labels=SCENARIOS)
+    if labels == "scenario":
+        return data
+    as_intents = {name: [replace(e, label=e.intent) for e in examples] for name, examples in splits.items()}
+    return Dataset(**as_intents, labels=data.intents)
 
 
 def parse_line(line, where):
@@ -189,6 +199,228 @@ def parse_line(line, where):
                          f"{record['scenario']!r}")
     example = Example(record["utt"], record["scenario"], record["intent"], str(record.get("id", "")))
     return example, record["partition"]
+
+
+# ---- labelled sentences of your own: CSV, TSV or JSONL ------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """Where a run's sentences come from: MASSIVE (the default), or a file of your own with a text
+    and a label column, split by a column, by separate dev and test files, or at random."""
+
+    path: str | None = None  # --data; None: $MASSIVE_JSONL or data/massive/en-US.jsonl
+    text_column: str = "text"
+    label_column: str = "label"
+    split_column: str | None = None  # its values: train, dev, test
+    dev_data: str | None = None
+    test_data: str | None = None
+    split_seed: int = 0  # with none of the above: a stratified split, the same for every run seed
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+    @property
+    def own(self):
+        """Data of your own: a CSV or TSV, or any option that MASSIVE's fixed format has no use
+        for, or a JSONL whose first record lacks MASSIVE's fields."""
+        if self.path is None:
+            return False
+        path = Path(self.path)
+        if path.suffix.lower() in (".csv", ".tsv") or any(
+                getattr(self, name) != Source.__dataclass_fields__[name].default
+                for name in ("text_column", "label_column", "split_column", "dev_data", "test_data")):
+            return True
+        return path.is_file() and not _looks_like_massive(path)
+
+
+def add_data_flags(parser):
+    """--data and the options of data of your own, as train.py and evaluate.py take them."""
+    parser.add_argument("--data", default=None,
+                        help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/), or a CSV, TSV or "
+                             "JSONL of labelled sentences of your own")
+    own = parser.add_argument_group("data of your own (a CSV, TSV or JSONL given with --data)")
+    own.add_argument("--text-column", default="text", help="the sentences' column (default: text)")
+    own.add_argument("--label-column", default="label", help="the labels' column (default: label)")
+    own.add_argument("--split-column", default=None, help="a column of train, dev or test for each row")
+    own.add_argument("--dev-data", default=None, help="the dev sentences, in a file of the same columns")
+    own.add_argument("--test-data", default=None, help="the test sentences, in a file of the same columns")
+    own.add_argument("--split-seed", type=int, default=0,
+                     help="with no split column or files: the seed of the stratified split (default: 0)")
+    own.add_argument("--dev-fraction", type=float, default=0.1, help="of each label, for dev (default: 0.1)")
+    own.add_argument("--test-fraction", type=float, default=0.1, help="of each label, for test (default: 0.1)")
+
+
+def source_from(args):
+    """The parsed flags → a Source, or a ValueError that names the flag."""
+    if not (0 <= args.dev_fraction < 1 and 0 <= args.test_fraction < 1 and args.dev_fraction + args.test_fraction < 1):
+        raise ValueError(f"--dev-fraction {args.dev_fraction} and --test-fraction {args.test_fraction}: each must be "
+                         "at least 0, and together below 1, to leave train sentences")
+    if not 0 <= args.split_seed < 2**63:
+        raise ValueError(f"--split-seed {args.split_seed}: must be 0 or more")
+    source = Source(args.data, args.text_column, args.label_column, args.split_column, args.dev_data,
+                    args.test_data, args.split_seed, args.dev_fraction, args.test_fraction)
+    given = [name for name in Source.__dataclass_fields__ if name != "path"
+             and getattr(source, name) != Source.__dataclass_fields__[name].default]
+    if given and args.data is None:
+        raise ValueError(f"--{given[0].replace('_', '-')}: an option of data of your own; pass the file with --data")
+    return source
+
+
+def describe(source, data):
+    """What a run's record keeps of its data: where the split came from, and its sizes."""
+    sizes = {name: len(data.split(name)) for name in SPLITS}
+    if not source.own:
+        return {"format": "massive", "sizes": sizes}
+    split = ({"column": source.split_column} if source.split_column else
+             {"files": [source.dev_data, source.test_data]} if source.dev_data else
+             {"seed": source.split_seed, "dev_fraction": source.dev_fraction, "test_fraction": source.test_fraction})
+    return {"format": Path(source.path).suffix.lower().lstrip("."), "text_column": source.text_column,
+            "label_column": source.label_column, "split": split, "sizes": sizes}
+
+
+def _looks_like_massive(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # load_massive says what is wrong, line by line
+    return not isinstance(record, dict) or all(field in record for field in ("partition", "utt"))
+
+
+def load_data(source, labels="scenario"):
+    """The Dataset a run trains on: MASSIVE, or the labelled sentences of `source` (see Source)."""
+    if not source.own:
+        return load_massive(source.path, labels)
+    if labels != "scenario":
+        raise ValueError(f"--labels {labels}: MASSIVE's intents; data of your own has its label column "
+                         f"({source.label_column!r}) alone: drop --labels")
+    rows = read_rows(source.path, source)
+    for flag, path in (("--dev-data", source.dev_data), ("--test-data", source.test_data)):
+        if path and source.split_column:
+            raise ValueError(f"{flag} {path} with --split-column {source.split_column}: the column splits "
+                             f"{source.path} already; pass one of the two")
+    if source.split_column:
+        splits = {name: [e for e, split in rows if split == name] for name in SPLITS}
+    elif source.dev_data or source.test_data:
+        if not (source.dev_data and source.test_data):
+            raise ValueError("--dev-data and --test-data go together: pass both files, or neither for a "
+                             "random split of --data")
+        splits = {"train": [e for e, _ in rows], "dev": [e for e, _ in read_rows(source.dev_data, source)],
+                  "test": [e for e, _ in read_rows(source.test_data, source)]}
+    else:
+        splits = stratified_split([e for e, _ in rows], source)
+    labels = tuple(sorted({e.label for e in splits["train"]}))
+    for name in SPLITS:
+        if not splits[name]:
+            raise ValueError(f"{source.path}: no {name} sentences; give each split some (see --split-column, "
+                             "--dev-data and --test-data, or --dev-fraction and --test-fraction)")
+        unseen = sorted({e.label for e in splits[name]} - set(labels))
+        if unseen:
+            raise ValueError(f"{source.path}: the {name} split has label {unseen[0]!r}, which no train sentence "
+                             "has; a classifier cannot learn it: add train sentences of it, or drop them")
+    if len(labels) < 2:
+        raise ValueError(f"{source.path}: one label ({labels[0]!r}) in the train split; a classifier needs two "
+                         f"or more: check --label-column ({source.label_column!r})")
+    return Dataset(**splits, labels=labels)
+
+
+def read_rows(path, source):
+    """A CSV, TSV or JSONL file → [(Example, split or None)]; every problem named with its file,
+    line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}; pass a CSV, TSV or JSONL "
+                         "file of labelled sentences")
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {column} of the line); save the file as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    records = _jsonl_records(path, text) if path.suffix.lower() == ".jsonl" else _table_records(path, text)
+    columns = [source.text_column, source.label_column] + ([source.split_column] if source.split_column else [])
+    flags = {source.text_column: "--text-column", source.label_column: "--label-column",
+             source.split_column: "--split-column"}
+    header = records[0][1] if records and path.suffix.lower() != ".jsonl" else None
+    for column in columns:
+        if header is not None and column not in header:
+            raise ValueError(f"{path}: no column {column!r} (its columns: {', '.join(header)}); pass "
+                             f"{flags[column]} with one of them")
+    rows = []
+    for where, record in records:
+        values = []
+        for column in columns:
+            value = record.get(column)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and column != source.text_column:
+                value = str(value)  # labels such as 0 and 1
+            if not isinstance(value, str) or not value.strip():
+                found = "missing" if value is None else f"{value!r}, not a non-empty string"
+                raise ValueError(f"{where}: column {column!r} is {found}; every row needs its text and label"
+                                 + (" and split" if source.split_column else ""))
+            values.append(value.strip())
+        split = values[2] if source.split_column else None
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"{where}: column {source.split_column!r} is {split!r}; expected one of "
+                             f"{', '.join(SPLITS)}")
+        rows.append((Example(values[0], values[1], id=where.rsplit(":", 1)[1]), split))
+    if not rows:
+        raise ValueError(f"{path}: no rows; give one labelled sentence per row")
+    return rows
+
+
+def _table_records(path, text):
+    """CSV (or TSV, by its suffix) with a header row → [(where, {column: value})]."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    lines = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    if not lines:
+        raise ValueError(f"{path}: empty; the first row names the columns")
+    header = lines[0]
+    records = []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        if len(line) != len(header):
+            raise ValueError(f"{path}:{n}: {len(line)} fields, the header has {len(header)} ({', '.join(header)}); "
+                             "quote a field that holds the delimiter")
+        records.append((f"{path}:{n}", dict(zip(header, line))))
+    return records
+
+
+def _jsonl_records(path, text):
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}; column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object with the text and label fields")
+        records.append((f"{path}:{n}", record))
+    return records
+
+
+def stratified_split(examples, source):
+    """Each label's sentences shuffled with `split_seed` and cut into test, dev and train by the
+    fractions (rounded; at least one train sentence a label), so each split keeps the labels'
+    proportions and every run seed sees the same split."""
+    by_label = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(e.label, []).append(i)
+    generator = torch.Generator().manual_seed(source.split_seed)
+    chosen = {name: [] for name in SPLITS}
+    for label in sorted(by_label):
+        group = [by_label[label][i] for i in torch.randperm(len(by_label[label]), generator=generator)]
+        n_test = min(round(len(group) * source.test_fraction), len(group) - 1)
+        n_dev = max(0, min(round(len(group) * source.dev_fraction), len(group) - n_test - 1))
+        chosen["test"] += group[:n_test]
+        chosen["dev"] += group[n_test:n_test + n_dev]
+        chosen["train"] += group[n_test + n_dev:]
+    return {name: [examples[i] for i in sorted(index)] for name, index in chosen.items()}  # in the file's order
 
 
 def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBALL_SHA256):

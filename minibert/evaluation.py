@@ -168,6 +168,19 @@ def contrastive_metrics(contrastive, encoded, device, labelled, temperature):
     return {"loss": sum(losses) / len(losses), "loss_paper_sum": sum(losses), "n_batches": len(losses)}
 
 
+def contrastive_record(contrastive, splits, device, config):
+    """The contrastive_metrics of each split as a run records them at the end of stage 1:
+    {split}_contrastive_loss and {split}_contrastive_loss_paper_sum. Each split's two views come
+    from their own fixed dropout stream, so a re-run draws the same views."""
+    record = {}
+    for split, encoded in splits.items():
+        torch.manual_seed(config.seed * 1000 + 999_999)
+        metrics = contrastive_metrics(contrastive, encoded, device, config.loss == "supcon", config.temperature)
+        record.update({f"{split}_contrastive_loss": metrics["loss"],
+                       f"{split}_contrastive_loss_paper_sum": metrics["loss_paper_sum"]})
+    return record
+
+
 @torch.no_grad()
 def weight_changes(encoder, pretrained):
     """How far training moved each Linear weight of the encoder's layers → {name: ‖W − W₀‖_F / ‖W₀‖_F},

@@ -1,5 +1,6 @@
 """Every hyperparameter of a run, and the paper's experiments as presets over them."""
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -32,6 +33,11 @@ class TrainConfig:
     seed: int = setting(0, "seed for the head, the shuffle and dropout")
     bucket: bool = setting(False, "batch sentences of similar length together (less padding)")
     max_grad_norm: float = setting(0.0, "clip the gradient norm to this; 0 turns clipping off")
+    # Decided once by train.py (minibert/device.py), recorded beside the run's device.
+    precision: str = setting("auto", "fp32, bf16 or fp16 autocast; auto: bf16 where the device runs bf16 matmuls "
+                             "natively (a GPU that supports it; a CPU with AVX512-BF16 or AMX where a one-off check "
+                             "finds bf16 faster than fp32), else fp32. The figures recorded for dev and test are "
+                             "fp32 whatever the choice")
     # Learning-rate schedule (§3.2.1): constant, or warmup then linear (the paper's) or cosine decay to zero.
     scheduler: str = setting("constant", "learning-rate schedule: constant, or linear warmup then linear or cosine "
                              "decay to zero")
@@ -176,6 +182,13 @@ class TrainConfig:
             raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
                              "would be split across processes); start a single process")
 
+    def check_data(self, has_intents):
+        """The levers that read MASSIVE's intents, refused on data that has none."""
+        for name in ("supervise", "contrastive_labels"):
+            if not has_intents and getattr(self, name) != FIELDS[name].default:
+                raise ValueError(f"{flag(name)} {getattr(self, name)}: MASSIVE's intents, which this data does not "
+                                 f"have; pass {flag(name)} {FIELDS[name].default}")
+
     def check_steps(self, steps_per_epoch):
         """The check that needs the data: a warmup longer than the classifier's training never decays."""
         total = self.epochs * steps_per_epoch
@@ -208,6 +221,7 @@ LORA_TARGETS = linear_names(Layer(BertConfig(hidden_size=1, num_attention_heads=
 
 CHOICES = {
     "labels": ("scenario", "intent"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
     "scheduler": ("constant", "linear", "cosine"),
     "swa_anneal": ("cos", "linear"),
     "loss": ("ce", "supcon", "simclr"),
@@ -266,6 +280,25 @@ PAPER = ("baseline", "scheduler", "swa", "both", "lora20", "lora30", "supcon", "
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 FLAGS = [name for name, f in FIELDS.items() if "help" in f.metadata]  # every field but `experiment`
+
+
+def add_config_flags(parser):
+    """--experiment, and one flag per TrainConfig field with the help written beside the field;
+    a flag that is not given keeps the preset's value."""
+    parser.add_argument("--experiment", choices=sorted(PRESETS), default="baseline",
+                        help="preset of the paper's hyperparameters; flags below override it (default: baseline)")
+    for name in FLAGS:
+        default, help = FIELDS[name].default, FIELDS[name].metadata["help"]
+        if isinstance(default, bool):
+            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            parser.add_argument(flag(name), type=type(default), choices=CHOICES.get(name), default=None,
+                                help=f"{help} (preset: {default})")
+
+
+def config_from(args):
+    """The preset, with every flag that was given in its place."""
+    return PRESETS[args.experiment].override(**{name: getattr(args, name) for name in FLAGS})
 
 
 def as_recorded(hyperparameters):

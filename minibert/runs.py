@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import ScenarioClassifier
+from .device import device_name, native_bf16, peak_memory
 from .experiments import CHOICES, as_recorded
 from .lora import apply_lora
 from .model import BertConfig, BertModel, count_parameters
@@ -36,46 +36,6 @@ from .tokenizer import Tokenizer
 from .weights import load_pretrained
 
 FORMAT = "minibert-run/1"
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return {"gpu_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-    # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
-    scale = 2**20 if sys.platform == "darwin" else 2**10
-    return {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale}
-
-
-def pick_device(name):
-    """auto, cpu, cuda or mps → a torch.device; auto takes cuda, then mps, then the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps, but torch sees no Apple GPU; use --device cpu or auto")
-    return torch.device(name)
-
-
-def device_name(device):
-    """The device in words, for records: a GPU's name, or the CPU's model, kind and threads."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"
-    return f"{device.type} ({platform.machine()})"
-
-
-def cpu_model():
-    """The CPU's model name as the operating system reports it (Linux's /proc/cpuinfo), so that
-    records of different machines can be told apart."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class WriteError(ValueError):
@@ -262,7 +222,7 @@ def load_checkpoint(path, model, optimizer, averaged=None):
     return state
 
 
-def load_run(run_dir):
+def load_model(run_dir):
     """Rebuild a trained classifier from its run folder → (model, tokenizer, meta)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -340,6 +300,17 @@ def check_same_config(saved, current, run_dir):
                          "settings it was trained with, or pass another --out")
 
 
+def check_resumable(saved, config, precision, world, run_dir):
+    """A checkpoint continues only the run that wrote it: the same hyperparameters, precision
+    and number of processes (a checkpoint without them predates them: fp32, one process)."""
+    check_same_config(saved["config"], config.to_dict(), run_dir)
+    for what, now in (("precision", precision), ("processes", world)):
+        then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
+        if then != now:
+            raise ValueError(f"cannot resume {run_dir}: it was trained with {what} {then}, not {now}; "
+                             f"resume it as it started, or train again with another --out")
+
+
 def parameter_counts(model, probe=False):
     """Counted as peft counts them: the encoder (pooler included) with any adapters; the head
     is reported on its own. A probe's encoder trains no weight (its optimizer holds the head)."""
@@ -350,8 +321,10 @@ def parameter_counts(model, probe=False):
             "head_params": count_parameters(model) - encoder_all}
 
 
-def save_model(run_dir, model, tokenizer, labels, config):
-    """model.safetensors, model.json and tokenizer.json: what load_run rebuilds the classifier from."""
+def save_model(run_dir, model, tokenizer, labels, config, label_kind=None):
+    """model.safetensors, model.json and tokenizer.json: what load_model rebuilds the classifier from.
+    `label_kind`: what the labels are (MASSIVE's scenario or intent, or the label column of data of
+    your own); config.labels where not given."""
     # A LoRA run stores its adapters and the head together (the pretrained weights are
     # reloaded by name); without the head a reloaded adapter would predict at random.
     save_tensors(run_dir / "model.safetensors", trainable_state(model) if config.lora_r else model.state_dict())
@@ -363,7 +336,7 @@ def save_model(run_dir, model, tokenizer, labels, config):
         "model": model.encoder.name,
         "encoder": model.encoder.config.to_dict(),
         "labels": list(labels),
-        "label_kind": config.labels,
+        "label_kind": label_kind or config.labels,
         "groups": model.groups,  # with --supervise intents/both: each intent output's label
         "hidden_dim": config.hidden_dim,
         "drop_rate": config.drop_rate,
@@ -405,6 +378,34 @@ def code_version():
     except (OSError, subprocess.TimeoutExpired):
         commit = changes = None
     return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
+
+
+def write_training_results(run_dir, command, config, model, device, world, precision, fast, data, dev, test,
+                           history, n_train, steps_per_epoch, average, dev_best):
+    """train.py's results.json: what was trained, on what, and how it did. `dev` and `test` are the
+    final fp32 figures (of the SWA `average` where there is one), `dev_best` those of the kept
+    epoch with --select dev-best, `history` the rows of metrics.jsonl."""
+    swa = average is not None and average.n_averaged > 0
+    write_results(run_dir, command, {
+        "experiment": config.experiment,
+        "model": model.encoder.name,
+        "model_requested": config.model,
+        "hyperparameters": config.to_dict(),
+        "seed": config.seed,
+        "data": data,  # data.describe: MASSIVE, or a file of your own, its split and sizes
+        "device": device_name(device) + (f" × {world} processes" if world > 1 else ""),
+        "precision": precision,
+        "native_bf16": native_bf16(device),  # the default precision's deciding fact
+        "eval_precision": "fp32",  # dev and test below; per-epoch dev figures use `precision`
+        "fast": fast,  # the fast path's steps: "cuda graph", or "eager" (the same static step); None: off
+        "test": test,
+        "dev": dev,
+        **history_record(history, n_train, steps_per_epoch),
+        "swa": {"n_averaged": average.n_averaged, "dev": dev if swa else None} if average is not None else None,
+        "dev_best": dev_best,  # the kept epoch's figures; `test` above is the last epoch's
+        **parameter_counts(model, probe=config.stage2 == "probe"),
+        **peak_memory(device),
+    })
 
 
 def write_results(run_dir, command, record):

@@ -208,7 +208,8 @@ def target_name(key):
 
 
 def source_name(name):
-    """minibert name → its checkpoint key (bare layout), for error messages."""
+    """minibert name → its checkpoint key (bare layout): NAME_TABLE read from right to left, for
+    error messages and for the export to transformers (export.py)."""
     layer = re.search(r"\.(\d+)\.", name)
     template = name.replace(layer.group(0), ".{}.") if layer else name
     key = next(k for k, v in NAME_TABLE.items() if v == template)

@@ -28,14 +28,14 @@ def test_official_counts(massive_path):
     assert list(massive.labels) == sorted(massive.labels)
     counts = {name: 0 for name in massive.labels}
     for example in massive.test:
-        counts[example.scenario] += 1
+        counts[example.label] += 1
     assert counts["calendar"] == 402 and counts["takeaway"] == 57
 
 
 def test_intent_labels(massive_path):
     massive = data.load_massive(massive_path, labels="intent")
     assert len(massive.labels) == 60
-    ids = massive.label_ids(massive.train[:3], "intent")
+    ids = massive.label_ids(massive.train[:3])
     assert all(massive.labels[i] == e.intent for i, e in zip(ids, massive.train[:3]))
 
 
@@ -44,7 +44,7 @@ def check_label_order(path):
     group is its scenario's index: one order, whatever the order of the lines or of a set."""
     scenarios = data.load_massive(path)
     intents = sorted({e.intent for split in (scenarios.train, scenarios.dev, scenarios.test) for e in split})
-    scenario_of = {e.intent: e.scenario for split in (scenarios.train, scenarios.dev, scenarios.test) for e in split}
+    scenario_of = {e.intent: e.label for split in (scenarios.train, scenarios.dev, scenarios.test) for e in split}
     assert list(scenarios.labels) == sorted(data.SCENARIOS)
     assert list(scenarios.intents) == intents
     assert scenarios.intent_groups() == [sorted(data.SCENARIOS).index(scenario_of[i]) for i in intents]

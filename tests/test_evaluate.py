@@ -55,7 +55,7 @@ def write_run(folder, data):
     torch.manual_seed(0)
     encoder, tokenizer, _ = load_pretrained(str(TINY))
     model = ScenarioClassifier(encoder, len(SCENARIOS))
-    z = embed(model, encode(tokenizer, data.dev, data.label_ids(data.dev, "scenario"), 16))  # (N, H)
+    z = embed(model, encode(tokenizer, data.dev, data.label_ids(data.dev), 16))  # (N, H)
     first, last = model.head[0], model.head[2]
     with torch.no_grad():
         first.weight /= z.std(0).mean()

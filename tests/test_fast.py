@@ -57,7 +57,7 @@ def test_the_fast_path_trains_as_the_eager_loop(flags, device, tiny_model, small
 
 def test_epoch_batches_hold_each_batch_padded_to_max_len(small_massive, minilm_dir):
     data = load_massive(small_massive)
-    encoded = encode(Tokenizer.from_folder(minilm_dir), data.train, data.label_ids(data.train, "scenario"), 20)
+    encoded = encode(Tokenizer.from_folder(minilm_dir), data.train, data.label_ids(data.train), 20)
     order = batch_order(encoded, 20, torch.Generator().manual_seed(0), bucket=True)
     intents = torch.tensor(data.intent_ids(data.train))
     batches = EpochBatches.build(encoded, order, intents, torch.device("cpu"))
@@ -73,7 +73,7 @@ def test_epoch_batches_hold_each_batch_padded_to_max_len(small_massive, minilm_d
 
 def test_a_batch_without_padding_has_no_mask(small_massive, minilm_dir):
     data = load_massive(small_massive)
-    encoded = encode(Tokenizer.from_folder(minilm_dir), data.train, data.label_ids(data.train, "scenario"), 20)
+    encoded = encode(Tokenizer.from_folder(minilm_dir), data.train, data.label_ids(data.train), 20)
     same = torch.nonzero(encoded.lengths == encoded.lengths[0]).flatten()[:2]
     assert len(same) == 2 and encoded.batch(same)[1] is None
     assert encoded.batch(same, pad_to=20)[1].sum() == 2 * encoded.lengths[0]  # a fixed shape keeps its mask
@@ -87,7 +87,7 @@ def test_fast_prediction_gives_the_eager_logits(small_massive, minilm_dir):
 
     encoder, tokenizer, _ = load_pretrained(str(minilm_dir))
     data = load_massive(small_massive)
-    encoded = encode(tokenizer, data.dev, data.label_ids(data.dev, "scenario"), 20)
+    encoded = encode(tokenizer, data.dev, data.label_ids(data.dev), 20)
     torch.manual_seed(0)
     model = ScenarioClassifier(encoder, 18)
     eager = predict(model, encoded, torch.device("cpu"), batch_size=32)

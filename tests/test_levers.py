@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import evaluate
 import train
-from minibert import BertConfig, BertModel
+from minibert import BertConfig, BertModel, evaluation
 from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.data import load_massive
 from minibert.losses import symmetric_kl
@@ -149,13 +149,13 @@ def test_supcon_on_intents_pairs_sentences_of_one_intent(tiny_model, small_massi
         run = built(tiny_model, small_massive, tmp_path / which, "--experiment", "supcon", "--contrastive-labels",
                     which)
         cases.batch_loss(run, torch.arange(16), contrastive_stage=True)
-    assert positives[0].tolist() == data.label_ids(data.train, "scenario")[:16]
+    assert positives[0].tolist() == data.label_ids(data.train)[:16]
     assert positives[1].tolist() == data.intent_ids(data.train)[:16]
     # The loss recorded at the end of stage 1 counts the positives stage 1 trained with.
     recorded = []
-    monkeypatch.setattr(train, "contrastive_metrics", lambda contrastive, encoded, *a: recorded.append(
+    monkeypatch.setattr(evaluation, "contrastive_metrics", lambda contrastive, encoded, *a: recorded.append(
         encoded.labels) or {"loss": 0.0, "loss_paper_sum": 0.0})
-    train.contrastive_record(run)
+    train.stage1_record(run)
     assert [labels.tolist() for labels in recorded] == [data.intent_ids(data.dev), data.intent_ids(data.test)]
 
 

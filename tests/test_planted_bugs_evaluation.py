@@ -119,7 +119,7 @@ def test_report_std_by_hand_catches_a_population_std(tmp_path, monkeypatch):
 
 def intents_from_a_set(monkeypatch):
     """The intents as a set makes them, in the order of the string hashes of this process."""
-    monkeypatch.setattr(data.Massive, "intents",
+    monkeypatch.setattr(data.Dataset, "intents",
                         property(lambda self: tuple({e.intent for split in (self.train, self.dev, self.test)
                                                      for e in split})))
 

@@ -14,6 +14,7 @@ import torch
 
 import evaluate
 import train
+from minibert import device
 from minibert.runs import read_json
 from tests.cases import REFERENCE
 
@@ -140,10 +141,10 @@ def right_one_by_one(model, tokenizer, data, max_len, labels):
 def test_evaluate_reproduces_the_recorded_accuracy(finished_run, small_massive, capsys):
     """The accuracy train.py recorded and the one evaluate.py measures again are the count of
     test sentences the saved model gets right, counted here one sentence at a time."""
-    from minibert.runs import load_run
+    from minibert.runs import load_model
 
     evaluate.main([str(finished_run), "--split", "test", "--data", str(small_massive)])
-    model, tokenizer, meta = load_run(finished_run)
+    model, tokenizer, meta = load_model(finished_run)
     right, n = right_one_by_one(model, tokenizer, small_massive, meta["max_len"], meta["labels"])
     assert n == 48
     # Both figures are float32 means of 0s and 1s: within 1e-7 of right / n, while one sentence
@@ -198,8 +199,14 @@ def test_resume_with_other_precision_or_processes_is_refused(small_massive, mini
     with pytest.raises(SystemExit, match="interrupted"):
         train.main(args(small_massive, tmp_path))
     monkeypatch.undo()
-    with pytest.raises(SystemExit, match="trained with precision fp32, not bf16"):
+    with pytest.raises(SystemExit, match=r"other hyperparameters \(precision: 'auto' → 'bf16'\)"):
         train.main(args(small_massive, tmp_path, "--resume", "--precision", "bf16"))
+    # The same flags on a CPU where auto decides bf16: the run it resumes was fp32.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(device, "bf16_pays_off", lambda device: True)
+    with pytest.raises(SystemExit, match="trained with precision fp32, not bf16"):
+        train.main(args(small_massive, tmp_path, "--resume"))
+    monkeypatch.undo()
     from minibert.runs import checkpoint_state, load_tensors, save_tensors
 
     tensors, _ = load_tensors(tmp_path / "checkpoint.safetensors")
@@ -270,17 +277,17 @@ def test_label_map_must_match_the_data(finished_run, small_massive, tmp_path):
 def test_the_default_precision_is_bf16_where_the_cpu_runs_it(avx512_bf16, amx, faster, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)  # as torch would report
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)             # such a CPU
-    monkeypatch.setattr(train, "bf16_pays_off", lambda device: faster)
+    monkeypatch.setattr(device, "bf16_pays_off", lambda device: faster)
     cpu = torch.device("cpu")
-    assert train.pick_precision(cpu, None) == train.pick_precision(cpu, "auto") == expected
-    assert train.pick_precision(cpu, "fp32") == "fp32" and train.pick_precision(cpu, "bf16") == "bf16"
+    assert device.pick_precision(cpu, "auto") == expected
+    assert device.pick_precision(cpu, "fp32") == "fp32" and device.pick_precision(cpu, "bf16") == "bf16"
 
 
 def test_a_run_records_its_cpu_and_the_precision_it_chose(tiny_model, small_massive, tmp_path, monkeypatch):
-    from minibert.runs import cpu_model
+    from minibert.device import cpu_model
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    monkeypatch.setattr(train, "bf16_pays_off", lambda device: True)
+    monkeypatch.setattr(device, "bf16_pays_off", lambda device: True)
     run = train.main(tiny(small_massive, tmp_path / "run", "--epochs", "1"))
     results = read_json(run / "results.json")
     assert (results["precision"], results["native_bf16"], results["eval_precision"]) == ("bf16", True, "fp32")
@@ -289,25 +296,25 @@ def test_a_run_records_its_cpu_and_the_precision_it_chose(tiny_model, small_mass
 
 
 def test_device_and_precision_are_chosen_once():
-    assert train.pick_device("cpu") == torch.device("cpu")
-    assert train.bf16_pays_off(torch.device("cpu")) in (True, False)  # it runs, whatever it finds
-    autocast, scaler = train.autocast_and_scaler(torch.device("cpu"), "bf16", fast=False)
+    assert device.pick_device("cpu") == torch.device("cpu")
+    assert device.bf16_pays_off(torch.device("cpu")) in (True, False)  # it runs, whatever it finds
+    autocast, scaler = device.autocast_and_scaler(torch.device("cpu"), "bf16", fast=False)
     assert scaler is None
     with autocast():
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
-    assert train.autocast_and_scaler(torch.device("cpu"), "fp16", fast=False)[1] is not None
+    assert device.autocast_and_scaler(torch.device("cpu"), "fp16", fast=False)[1] is not None
 
 
 def test_the_fast_path_is_on_by_default_on_one_gpu_only():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert not train.pick_fast(cpu, None, "fp32", 1)
-    assert train.pick_fast(gpu, None, "bf16", 1) and train.pick_fast(gpu, None, "fp32", 1)
-    assert not train.pick_fast(gpu, None, "fp16", 1) and not train.pick_fast(gpu, None, "bf16", 2)
-    assert train.pick_fast(cpu, True, "fp32", 1)
+    assert not device.pick_fast(cpu, None, "fp32", 1)
+    assert device.pick_fast(gpu, None, "bf16", 1) and device.pick_fast(gpu, None, "fp32", 1)
+    assert not device.pick_fast(gpu, None, "fp16", 1) and not device.pick_fast(gpu, None, "bf16", 2)
+    assert device.pick_fast(cpu, True, "fp32", 1)
     with pytest.raises(ValueError, match="--fast cannot run with --precision fp16"):
-        train.pick_fast(cpu, True, "fp16", 1)
+        device.pick_fast(cpu, True, "fp16", 1)
     with pytest.raises(ValueError, match="--fast cannot run with 2 processes"):
-        train.pick_fast(gpu, True, "bf16", 2)
+        device.pick_fast(gpu, True, "bf16", 2)
 
 
 def test_embedding_analysis_with_and_without_matplotlib(finished_run, small_massive, monkeypatch, capsys):

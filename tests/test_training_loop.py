@@ -13,7 +13,7 @@ import train
 from minibert.data import Encoded, batch_order, encode, load_massive
 from minibert.evaluation import evaluate
 from minibert.fast import Replay
-from minibert.runs import load_run, read_json
+from minibert.runs import load_model, read_json
 from tests import cases
 
 
@@ -150,11 +150,11 @@ def test_the_probe_encoder_stays_frozen_and_in_eval_mode(small_massive, tmp_path
 def check_dev_best_is_an_fp32_figure(run_dir, data):
     """The kept epoch's figures are an fp32 evaluation of the saved weights, as the final ones are."""
     results = read_json(run_dir / "results.json")
-    model, tokenizer, meta = load_run(run_dir)
+    model, tokenizer, meta = load_model(run_dir)
     massive = load_massive(data)
     for split in ("dev", "test"):
         examples = massive.split(split)
-        encoded = encode(tokenizer, examples, massive.label_ids(examples, "scenario"), meta["max_len"])
+        encoded = encode(tokenizer, examples, massive.label_ids(examples), meta["max_len"])
         fp32 = evaluate(model, encoded, torch.device("cpu"))
         recorded = results["dev_best"][split]
         # Same weights, same fp32 kernels: equal to rounding. bf16 moves the loss by ~1e-3 here.
