@@ -14,7 +14,7 @@ import torch
 
 from minibert.classifier import ScenarioClassifier
 from minibert.cli import Parser
-from minibert.data import add_data_flags, encode, load_data, load_massive, source_from
+from minibert.data import add_data_flags, describe, encode, load_data, load_massive, source_from
 from minibert.representations import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
@@ -22,7 +22,7 @@ from minibert.experiments import CHOICES, MAX_SEED, TrainConfig
 from minibert.fetch import DownloadError
 from minibert.predictor import TrainedRun
 from minibert.device import device_name, pick_device
-from minibert.runs import load_model, write_csv, write_json, write_results
+from minibert.runs import load_model, read_json, write_csv, write_json, write_results
 from minibert.weights import load_pretrained
 
 
@@ -129,23 +129,26 @@ def analyse_embeddings(model, tokenizer, data, max_len, out_dir, title):
 
 
 def zero_shot(args, argv):
-    """The paper's experiment 1: no training at all, so accuracy lands near chance (1/18)."""
+    """The paper's experiment 1: no training at all, so accuracy lands near chance (one over the number of labels)."""
     config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed or 0, epochs=0,
                          pooling=args.pooling or "cls")
-    data = load_data(source_from(args))
+    source = source_from(args)
+    data = load_data(source)
     torch.manual_seed(config.seed)
     encoder, tokenizer, _ = load_pretrained(config.model)
     model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, pooling=config.pooling)
     test = encode(tokenizer, data.test, data.label_ids(data.test), config.max_len)
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
     pooled = "" if config.pooling == "cls" else f"-{config.pooling}"
-    run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}{pooled}-s{config.seed}")
+    own = f"-{Path(source.path).stem}" if source.own else ""
+    run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}{own}{pooled}-s{config.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.embeddings:
         analyse_embeddings(model, tokenizer, data, config.max_len, run_dir, f"pretrained {encoder.name}")
     write_results(run_dir, "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv), {
         "experiment": "zeroshot", "model": encoder.name, "model_requested": config.model,
-        "hyperparameters": config.to_dict(), "seed": config.seed, "device": device_name(torch.device("cpu")),
+        "hyperparameters": config.to_dict(), "seed": config.seed, "data": describe(source, data),
+        "device": device_name(torch.device("cpu")),
         "precision": "fp32", "test": result, "dev_accuracy_per_epoch": [], "wall_seconds": 0.0,
     })
     print(f"wrote {run_dir}/results.json")
@@ -178,16 +181,13 @@ def evaluate_run(args):
     if args.weight_changes:
         return report_weight_changes(model, meta, Path(args.run_dir))
     if args.embeddings:
-        # Measured by scenario whatever labels the run trained on, so that every run compares.
+        # MASSIVE's runs are measured by scenario whatever labels they trained on, so that every run compares.
         data = load_data(source_from(args))
         analyse_embeddings(model, tokenizer, data, meta["max_len"], args.run_dir, Path(args.run_dir).name)
         return
     source = source_from(args)
     data = load_data(source) if source.own else load_massive(source.path, labels=meta["label_kind"])
-    if list(data.labels) != meta["labels"]:
-        raise ValueError(f"the run's {len(meta['labels'])} labels do not match the data's "
-                         f"{len(data.labels)} {meta['label_kind']} labels; pass the --data (and its column and "
-                         "split flags) it was trained on")
+    check_same_data(Path(args.run_dir), meta, source, data)
     split = args.split or "test"
     examples = data.split(split)
     encoded = encode(tokenizer, examples, data.label_ids(examples), meta["max_len"])
@@ -197,6 +197,22 @@ def evaluate_run(args):
     write_json(run_dir / f"eval-{split}.json", {"model": meta["model"], "device": device_name(device), **result})
     print(f"wrote {run_dir / f'eval-{split}.json'}")
     write_split_records(run_dir, split, examples, logits, encoded.labels, data.labels)
+
+
+def check_same_data(run_dir, meta, source, data):
+    """The run's labels, and where the run recorded which sentence went to which split (results.json),
+    the very same split: another file or split seed would mix its training sentences into test."""
+    recorded = read_json(run_dir / "results.json").get("data") if (run_dir / "results.json").exists() else None
+    trained_on = f"it was trained on {recorded['file']}" if recorded and "file" in recorded else \
+        "it was trained on MASSIVE"
+    if list(data.labels) != meta["labels"]:
+        raise ValueError(f"the run's {len(meta['labels'])} labels do not match the data's {len(data.labels)} "
+                         f"{meta['label_kind']} labels; {trained_on}: pass that --data, with the column and split "
+                         "flags it was trained with")
+    if recorded and "sha256" in recorded and recorded["sha256"] != describe(source, data)["sha256"]:
+        raise ValueError(f"{run_dir}: the data splits other sentences into train, dev and test than the run's "
+                         f"({recorded.get('split', 'MASSIVE')}); {trained_on}: pass that --data, with the column "
+                         "and split flags it was trained with")
 
 
 def write_split_records(run_dir, split, examples, logits, labels, names):

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.cli import Parser
-from minibert.data import add_data_flags, batch_order, describe, encode, load_data, source_from, to_device
+from minibert.data import Source, add_data_flags, batch_order, describe, encode, load_data, source_from, to_device
 from minibert.device import (autocast_and_scaler, pick_device, pick_fast, pick_precision, setup_distributed,
                              world_size)
 from minibert.evaluation import contrastive_record, evaluate
@@ -82,7 +82,8 @@ class Run:
     autocast: Callable  # () → a context: autocast, or nothing in fp32
     scaler: torch.amp.GradScaler | None  # fp16 only
     labels: tuple
-    data: dict  # what results.json keeps of the data: its split and sizes
+    source: Source  # where the sentences came from: MASSIVE, or a file of your own
+    data: dict  # what results.json and the checkpoint keep of them: file, split, sizes, digest
     intents: dict  # split → (N,) intent ids, for --supervise and --contrastive-labels
     tokenizer: Tokenizer
     model: ScenarioClassifier
@@ -142,15 +143,15 @@ def main(argv=None):
 def setup(args):
     config = config_from(args)
     config.check(world_size())  # every flag, before anything heavy loads: a bad one costs a second
+    source = source_from(args)
     if args.out:
-        check_run_dir(Path(args.out), args.resume, config)
+        check_run_dir(Path(args.out), args.resume, config, source)
     device = pick_device(args.device)
     rank, world, device = setup_distributed(device)  # under torchrun: one process per GPU or CPU share
     precision = pick_precision(device, config.precision)
     fast = pick_fast(device, args.fast, precision, world)
     autocast, scaler = autocast_and_scaler(device, precision, fast)
 
-    source = source_from(args)
     data = load_data(source, labels=config.labels)
     config.check_data(data.has_intents)  # MASSIVE's intents, for the levers that use them
     model, contrastive, tokenizer = build_models(config, data, rank, world)
@@ -168,16 +169,17 @@ def setup(args):
         raise ValueError(f"the last batch holds {short} sentences, fewer than the {world} processes: pick a "
                          f"--batch-size that leaves none or at least {world} over from {len(splits['train'])}")
     config.check_steps(math.ceil(len(splits["train"]) / config.batch_size))
-    run_dir = Path(args.out or f"runs/{config.experiment}-{Path(model.encoder.name).name}-s{config.seed}")
+    own = f"-{Path(source.path).stem}" if source.own else ""
+    run_dir = Path(args.out or f"runs/{config.experiment}-{Path(model.encoder.name).name}{own}-s{config.seed}")
     if not args.out:  # --out was checked before anything loaded
-        check_run_dir(run_dir, args.resume, config)
+        check_run_dir(run_dir, args.resume, config, source)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision, fast=fast,
               autocast=autocast, scaler=scaler, labels=data.labels, data=describe(source, data),
               intents={name: torch.tensor(data.intent_ids(data.split(name))) for name in splits},
               tokenizer=tokenizer, model=model, contrastive=contrastive, trained=trained, learner=learner,
-              splits=splits, run_dir=run_dir, average=WeightAverage(model) if config.swa else None)
+              splits=splits, run_dir=run_dir, average=WeightAverage(model) if config.swa else None, source=source)
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
     if args.resume and run.checkpoint.exists():
         restore(run)
@@ -213,7 +215,7 @@ def build_models(config, data, rank, world):
 def restore(run):
     """Continue from the checkpoint of the last completed epoch, or refuse if it was another run."""
     saved = checkpoint_state(run.checkpoint)
-    check_resumable(saved, run.config, run.precision, run.world, run.run_dir)
+    check_resumable(saved, run.config, run.precision, run.world, run.source, run.run_dir)
     stage1 = run.config.stage1_epochs
     run.start_epoch = saved["epoch"]
     # AdamW's moments carry over only within a stage: stage 2 starts with a fresh optimizer.
@@ -302,8 +304,8 @@ def stepper(run, contrastive_stage, order):
     if run.replay is None:
         run.replay = Replay(partial(step, run.config.batch_size), run.device)
     batches = EpochBatches.build(run.splits["train"], order, run.intents["train"], run.device)
-    replay = run.replay.epoch(batches, run.config.batch_size, step)
-    return lambda i, index: replay(i)
+    full = run.config.batch_size  # a full batch replays; the short last one runs eagerly, on its own shape
+    return lambda i, index: run.replay(*batches[i]) if len(index) == full else step(len(index), *batches[i])
 
 
 def shard_on_device(run, index):
@@ -328,11 +330,7 @@ def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, int
     """Forward, loss, backward, clip, AdamW; the loss and the correct count are added to
     run.totals. Nothing here reads a value back from the device, so on the fast path a CUDA
     graph can record the whole of it. `n`: sentences in the whole batch, over every process."""
-    with run.autocast():                                                     # forward, loss
-        if contrastive_stage:
-            loss, logits = contrastive_loss(run, input_ids, attention_mask, labels, intents), None
-        else:
-            loss, logits = classifier_loss(run, n, input_ids, attention_mask, labels, intents)
+    loss, logits = batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents)  # forward
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler:                                                           # backward
         run.scaler.scale(loss).backward()
@@ -351,6 +349,14 @@ def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, int
     loss_sum += loss.detach()
     if logits is not None:
         correct += (logits.argmax(1) == labels).sum()
+
+
+def batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
+    """The stage's loss on a batch → (loss, label logits or None), under autocast where it is on."""
+    with run.autocast():
+        if contrastive_stage:
+            return contrastive_loss(run, input_ids, attention_mask, labels, intents), None
+        return classifier_loss(run, n, input_ids, attention_mask, labels, intents)
 
 
 def contrastive_loss(run, input_ids, attention_mask, labels, intents):
@@ -435,7 +441,7 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
     if run.main_process:  # replicas are identical: one process writes
         write_jsonl(run.run_dir / "metrics.jsonl", run.history)
         state = {"epoch": epoch + 1, "step": run.step, "history": run.history, "config": config.to_dict(),
-                 "precision": run.precision, "processes": run.world}
+                 "data": run.data, "precision": run.precision, "processes": run.world}
         if run.scaler is not None:
             state["scaler"] = run.scaler.state_dict()
         save_checkpoint(run.checkpoint, run.trained, run.optimizer, averaged=run.average, state=state)
@@ -476,8 +482,10 @@ def finish(run, argv):
     save_model(run.run_dir, model, run.tokenizer, run.labels, config, run.data.get("label_column", config.labels))
     command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     fast = ("cuda graph" if run.replay is not None and run.replay.captured else "eager") if run.fast else None
-    write_training_results(run.run_dir, command, config, model, device, run.world, run.precision, fast, run.data, dev,
-                           test, run.history, len(run.splits["train"]), run.steps_per_epoch, average, dev_best)
+    write_training_results(run.run_dir, command, config=config, model=model, device=device, world=run.world,
+                           precision=run.precision, fast=fast, data=run.data, dev=dev, test=test, history=run.history,
+                           n_train=len(run.splits["train"]), steps_per_epoch=run.steps_per_epoch, average=average,
+                           dev_best=dev_best)
     # The run is complete: its record and weights are written, so the training state can go.
     run.checkpoint.unlink(missing_ok=True)
     run.best_weights.unlink(missing_ok=True)

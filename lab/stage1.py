@@ -22,6 +22,7 @@ import torch
 from minibert.classifier import ScenarioClassifier
 from minibert.cli import Parser
 from minibert.data import encode, load_massive
+from minibert.experiments import TrainConfig, as_recorded
 from minibert.fetch import DownloadError
 from minibert.representations import alignment, embed, knn_accuracy, uniformity
 from minibert.runs import checkpoint_state, load_into, load_tensors, write_json
@@ -57,24 +58,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         state = checkpoint_state(args.checkpoint)
-        config = state["config"]
-        stage1 = config["epochs"] if config["contrastive_epochs"] == -1 else config["contrastive_epochs"]
-        if config["loss"] == "ce" or state["epoch"] != stage1:
-            raise ValueError(f"{args.checkpoint}: epoch {state['epoch']} of a run whose stage 1 has {stage1} "
-                             f"({config['loss']}); copy the checkpoint when its last contrastive epoch completes")
+        config = TrainConfig(**as_recorded(state["config"]))
+        if config.loss == "ce" or state["epoch"] != config.stage1_epochs:
+            raise ValueError(f"{args.checkpoint}: epoch {state['epoch']} of a run whose stage 1 has "
+                             f"{config.stage1_epochs} ({config.loss}); copy the checkpoint when its last "
+                             "contrastive epoch completes")
         encoder, tokenizer, _ = load_pretrained(args.model)
-        model = ScenarioClassifier(encoder, 18, pooling=config.get("pooling", "cls"))
+        model = ScenarioClassifier(encoder, 18, pooling=config.pooling)
         tensors, _ = load_tensors(args.checkpoint)
         load_into(model.encoder, tensors, args.checkpoint, prefix="model.classifier.encoder.")
         data = load_massive(args.data)
     except (ValueError, DownloadError, OSError) as e:
         sys.exit(f"python -m lab.stage1: {e}")
     splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name)),
-                           config["max_len"]) for name in ("train", "test")}
+                           config.max_len) for name in ("train", "test")}
     with torch.no_grad():
         z = {name: embed(model, encoded) for name, encoded in splits.items()}
     labels = {name: encoded.labels for name, encoded in splits.items()}
-    result = {"epoch": state["epoch"], "loss": config["loss"], "pooling": model.pooling,
+    result = {"epoch": state["epoch"], "loss": config.loss, "pooling": model.pooling,
               "alignment": alignment(z["test"], labels["test"]), "uniformity": uniformity(z["test"]),
               "knn_accuracy": knn_accuracy(z["train"], labels["train"], z["test"], labels["test"], k=10)}
     print(f"after {result['epoch']} contrastive epochs ({result['loss']}): alignment {result['alignment']:.4f} "

@@ -111,7 +111,9 @@ def ranking(folder, base, epochs):
         trained = as_recorded(results["hyperparameters"])
         # The experiment is a name, not a setting: the committed search ran `search`'s settings
         # when that preset was still called best.
-        differ = [k for k in expected if k not in ("experiment", "model", "seed") and trained[k] != expected[k]]
+        # The precision is how a candidate ran (--flags), not one of its levers.
+        differ = [k for k in expected if k not in ("experiment", "model", "seed", "precision")
+                  and trained[k] != expected[k]]
         if differ:
             k = differ[0]
             raise ValueError(f"{path}: trained with {k} {trained.get(k)!r}, not the {expected[k]!r} of {candidate} "

@@ -28,6 +28,8 @@ def main(argv=None):
             print(export_run(args.run, args.folder))
     except (DownloadError, ValueError) as e:
         sys.exit(f"minibert: {e}")
+    except OSError as e:  # a folder that cannot be listed or written
+        sys.exit(f"minibert: {e.filename}: {e.strerror}")
 
 
 if __name__ == "__main__":

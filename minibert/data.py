@@ -7,6 +7,7 @@ test 2,974), the label its `scenario` (18 of them), or its `intent` (60) with `-
 """
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -14,7 +15,8 @@ import shutil
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -186,9 +188,9 @@ def parse_line(line, where):
         raise ValueError(f"{where}: not valid JSON ({e.msg}; column {e.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object")
-    for field in FIELDS:
-        if not isinstance(record.get(field), str):
-            raise ValueError(f"{where}: missing or non-string field {field!r}")
+    for key in FIELDS:
+        if not isinstance(record.get(key), str):
+            raise ValueError(f"{where}: missing or non-string field {key!r}")
     if record["partition"] not in SPLITS:
         raise ValueError(f"{where}: unknown partition {record['partition']!r} "
                          f"(expected one of {', '.join(SPLITS)})")
@@ -203,88 +205,117 @@ def parse_line(line, where):
 
 # ---- labelled sentences of your own: CSV, TSV or JSONL ------------------------------------------
 
+def option(default, help):
+    """A Source field and its flag: --name-with-dashes, with this help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a run's sentences come from: MASSIVE (the default), or a file of your own with a text
     and a label column, split by a column, by separate dev and test files, or at random."""
 
     path: str | None = None  # --data; None: $MASSIVE_JSONL or data/massive/en-US.jsonl
-    text_column: str = "text"
-    label_column: str = "label"
-    split_column: str | None = None  # its values: train, dev, test
-    dev_data: str | None = None
-    test_data: str | None = None
-    split_seed: int = 0  # with none of the above: a stratified split, the same for every run seed
-    dev_fraction: float = 0.1
-    test_fraction: float = 0.1
+    text_column: str = option("text", "the sentences' column")
+    label_column: str = option("label", "the labels' column")
+    split_column: str | None = option(None, "a column of train, dev or test for each row")
+    dev_data: str | None = option(None, "the dev sentences, in a file of the same columns")
+    test_data: str | None = option(None, "the test sentences, in a file of the same columns")
+    # With no split column or files: a stratified split, the same whatever the run's seed.
+    split_seed: int = option(0, "with no split column or files: the seed of the stratified split")
+    dev_fraction: float = option(0.1, "with no split column or files: of each label, for dev")
+    test_fraction: float = option(0.1, "with no split column or files: of each label, for test")
 
-    @property
+    @cached_property
     def own(self):
-        """Data of your own: a CSV or TSV, or any option that MASSIVE's fixed format has no use
-        for, or a JSONL whose first record lacks MASSIVE's fields."""
+        """Data of your own: a CSV or TSV, or a file given with any option of data of your own, or
+        a JSONL whose first record lacks MASSIVE's fields."""
         if self.path is None:
             return False
-        path = Path(self.path)
-        if path.suffix.lower() in (".csv", ".tsv") or any(
-                getattr(self, name) != Source.__dataclass_fields__[name].default
-                for name in ("text_column", "label_column", "split_column", "dev_data", "test_data")):
+        if Path(self.path).suffix.lower() in (".csv", ".tsv") or changed(self, OWN_FORMAT):
             return True
-        return path.is_file() and not _looks_like_massive(path)
+        return Path(self.path).is_file() and not _looks_like_massive(Path(self.path))
+
+    @property
+    def record(self):
+        """What a run records of where its data came from (file names, not paths), read before any
+        of it loads: a run folder is resumed only on the data it started with."""
+        if not self.own:
+            return {"format": "massive"}
+        if self.split_column:
+            split = {"column": self.split_column}
+        elif self.dev_data:
+            split = {"dev_data": Path(self.dev_data).name, "test_data": Path(self.test_data).name}
+        else:
+            split = {"seed": self.split_seed, "dev_fraction": self.dev_fraction, "test_fraction": self.test_fraction}
+        return {"format": Path(self.path).suffix.lower().lstrip("."), "file": Path(self.path).name,
+                "text_column": self.text_column, "label_column": self.label_column, "split": split}
+
+
+OWN_FORMAT = ("text_column", "label_column", "split_column", "dev_data", "test_data")
+RANDOM_SPLIT = ("split_seed", "dev_fraction", "test_fraction")
+SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+def changed(source, names):
+    """The options among `names` set to other than their defaults."""
+    return [name for name in names if getattr(source, name) != Source.__dataclass_fields__[name].default]
 
 
 def add_data_flags(parser):
-    """--data and the options of data of your own, as train.py and evaluate.py take them."""
+    """--data and the options of data of your own (one flag per Source field), as train.py and
+    evaluate.py take them."""
     parser.add_argument("--data", default=None,
                         help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/), or a CSV, TSV or "
                              "JSONL of labelled sentences of your own")
     own = parser.add_argument_group("data of your own (a CSV, TSV or JSONL given with --data)")
-    own.add_argument("--text-column", default="text", help="the sentences' column (default: text)")
-    own.add_argument("--label-column", default="label", help="the labels' column (default: label)")
-    own.add_argument("--split-column", default=None, help="a column of train, dev or test for each row")
-    own.add_argument("--dev-data", default=None, help="the dev sentences, in a file of the same columns")
-    own.add_argument("--test-data", default=None, help="the test sentences, in a file of the same columns")
-    own.add_argument("--split-seed", type=int, default=0,
-                     help="with no split column or files: the seed of the stratified split (default: 0)")
-    own.add_argument("--dev-fraction", type=float, default=0.1, help="of each label, for dev (default: 0.1)")
-    own.add_argument("--test-fraction", type=float, default=0.1, help="of each label, for test (default: 0.1)")
+    for f in fields(Source):
+        if "help" in f.metadata:
+            own.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not None else str,
+                             default=None, help=f.metadata["help"] + ("" if f.default is None else
+                                                                      f" (default: {f.default})"))
 
 
 def source_from(args):
     """The parsed flags → a Source, or a ValueError that names the flag."""
-    if not (0 <= args.dev_fraction < 1 and 0 <= args.test_fraction < 1 and args.dev_fraction + args.test_fraction < 1):
-        raise ValueError(f"--dev-fraction {args.dev_fraction} and --test-fraction {args.test_fraction}: each must be "
-                         "at least 0, and together below 1, to leave train sentences")
-    if not 0 <= args.split_seed < 2**63:
-        raise ValueError(f"--split-seed {args.split_seed}: must be 0 or more")
-    source = Source(args.data, args.text_column, args.label_column, args.split_column, args.dev_data,
-                    args.test_data, args.split_seed, args.dev_fraction, args.test_fraction)
-    given = [name for name in Source.__dataclass_fields__ if name != "path"
-             and getattr(source, name) != Source.__dataclass_fields__[name].default]
+    given = {f.name: getattr(args, f.name) for f in fields(Source) if "help" in f.metadata
+             and getattr(args, f.name) is not None}
+    source = Source(args.data, **given)
+    flag = "--" + (next(iter(given), "").replace("_", "-"))
     if given and args.data is None:
-        raise ValueError(f"--{given[0].replace('_', '-')}: an option of data of your own; pass the file with --data")
+        raise ValueError(f"{flag}: an option of data of your own; pass the file with --data")
+    if given and not source.own:
+        raise ValueError(f"{flag} with --data {args.data}, a MASSIVE file: its columns and splits are fixed; "
+                         "drop the option")
+    if source.own and Path(source.path).suffix.lower() not in SUFFIXES:
+        raise ValueError(f"--data {source.path}: name the file .csv, .tsv or .jsonl, after what it holds")
+    random = changed(source, RANDOM_SPLIT)
+    if random and (source.split_column or source.dev_data or source.test_data):
+        raise ValueError(f"--{random[0].replace('_', '-')} applies to a random split only; the file is split by "
+                         + ("--split-column" if source.split_column else "--dev-data and --test-data"))
+    if source.split_column and (source.dev_data or source.test_data):
+        raise ValueError(f"--dev-data and --test-data with --split-column {source.split_column}: the column splits "
+                         f"{source.path} already; pass one of the two")
+    if bool(source.dev_data) != bool(source.test_data):
+        raise ValueError("--dev-data and --test-data go together: pass both files, or neither for a random split "
+                         "of --data")
+    if not (0 <= source.dev_fraction < 1 and 0 <= source.test_fraction < 1
+            and source.dev_fraction + source.test_fraction < 1):
+        raise ValueError(f"--dev-fraction {source.dev_fraction} and --test-fraction {source.test_fraction}: each "
+                         "must be at least 0, and together below 1, to leave train sentences")
+    if not 0 <= source.split_seed <= 2**32 - 1:
+        raise ValueError(f"--split-seed {source.split_seed}: must be a whole number from 0 to {2**32 - 1}")
     return source
-
-
-def describe(source, data):
-    """What a run's record keeps of its data: where the split came from, and its sizes."""
-    sizes = {name: len(data.split(name)) for name in SPLITS}
-    if not source.own:
-        return {"format": "massive", "sizes": sizes}
-    split = ({"column": source.split_column} if source.split_column else
-             {"files": [source.dev_data, source.test_data]} if source.dev_data else
-             {"seed": source.split_seed, "dev_fraction": source.dev_fraction, "test_fraction": source.test_fraction})
-    return {"format": Path(source.path).suffix.lower().lstrip("."), "text_column": source.text_column,
-            "label_column": source.label_column, "split": split, "sizes": sizes}
 
 
 def _looks_like_massive(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             first = next((line for line in f if line.strip()), "")
         record = json.loads(first)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return True  # load_massive says what is wrong, line by line
-    return not isinstance(record, dict) or all(field in record for field in ("partition", "utt"))
+    return not isinstance(record, dict) or all(key in record for key in ("partition", "utt"))
 
 
 def load_data(source, labels="scenario"):
@@ -295,16 +326,9 @@ def load_data(source, labels="scenario"):
         raise ValueError(f"--labels {labels}: MASSIVE's intents; data of your own has its label column "
                          f"({source.label_column!r}) alone: drop --labels")
     rows = read_rows(source.path, source)
-    for flag, path in (("--dev-data", source.dev_data), ("--test-data", source.test_data)):
-        if path and source.split_column:
-            raise ValueError(f"{flag} {path} with --split-column {source.split_column}: the column splits "
-                             f"{source.path} already; pass one of the two")
     if source.split_column:
         splits = {name: [e for e, split in rows if split == name] for name in SPLITS}
-    elif source.dev_data or source.test_data:
-        if not (source.dev_data and source.test_data):
-            raise ValueError("--dev-data and --test-data go together: pass both files, or neither for a "
-                             "random split of --data")
+    elif source.dev_data:
         splits = {"train": [e for e, _ in rows], "dev": [e for e, _ in read_rows(source.dev_data, source)],
                   "test": [e for e, _ in read_rows(source.test_data, source)]}
     else:
@@ -324,6 +348,23 @@ def load_data(source, labels="scenario"):
     return Dataset(**splits, labels=labels)
 
 
+def describe(source, data):
+    """source.record, with the split's sizes and a digest of which sentence went where: evaluate.py
+    checks with it that it reads the split the run trained on."""
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        for e in data.split(name):
+            digest.update(f"{name}\t{e.label}\t{e.text}\n".encode())
+    return {**source.record, "sizes": {name: len(data.split(name)) for name in SPLITS}, "sha256": digest.hexdigest()}
+
+
+def same_source(recorded, source):
+    """Whether a run's recorded data (results.json or a checkpoint's; none in older ones: MASSIVE)
+    came from `source`, by its record."""
+    recorded = recorded or {"format": "massive"}
+    return {k: v for k, v in recorded.items() if k not in ("sizes", "sha256")} == source.record
+
+
 def read_rows(path, source):
     """A CSV, TSV or JSONL file → [(Example, split or None)]; every problem named with its file,
     line and column."""
@@ -340,26 +381,26 @@ def read_rows(path, source):
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte {column} of the line); save the file as UTF-8") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    records = _jsonl_records(path, text) if path.suffix.lower() == ".jsonl" else _table_records(path, text)
-    columns = [source.text_column, source.label_column] + ([source.split_column] if source.split_column else [])
-    flags = {source.text_column: "--text-column", source.label_column: "--label-column",
-             source.split_column: "--split-column"}
-    header = records[0][1] if records and path.suffix.lower() != ".jsonl" else None
-    for column in columns:
+    header, records = (None, _jsonl_records(path, text)) if path.suffix.lower() == ".jsonl" else \
+        _table_records(path, text)
+    columns = {source.text_column: "--text-column", source.label_column: "--label-column"}
+    if source.split_column:
+        columns[source.split_column] = "--split-column"
+    for column, flag in columns.items():
         if header is not None and column not in header:
-            raise ValueError(f"{path}: no column {column!r} (its columns: {', '.join(header)}); pass "
-                             f"{flags[column]} with one of them")
+            raise ValueError(f"{path}: no column {column!r} (its columns: {', '.join(header)}); pass {flag} "
+                             "with one of them")
     rows = []
     for where, record in records:
         values = []
-        for column in columns:
+        for column, flag in columns.items():
             value = record.get(column)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and column != source.text_column:
+            if isinstance(value, int) and not isinstance(value, bool) and column != source.text_column:
                 value = str(value)  # labels such as 0 and 1
             if not isinstance(value, str) or not value.strip():
                 found = "missing" if value is None else f"{value!r}, not a non-empty string"
-                raise ValueError(f"{where}: column {column!r} is {found}; every row needs its text and label"
-                                 + (" and split" if source.split_column else ""))
+                raise ValueError(f"{where}: column {column!r} ({flag}) is {found}; every row needs its text and "
+                                 "label" + (" and split" if source.split_column else ""))
             values.append(value.strip())
         split = values[2] if source.split_column else None
         if split is not None and split not in SPLITS:
@@ -372,26 +413,37 @@ def read_rows(path, source):
 
 
 def _table_records(path, text):
-    """CSV (or TSV, by its suffix) with a header row → [(where, {column: value})]."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    lines = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
-    if not lines:
+    """CSV (or TSV, by its suffix) with a header row → (header, [(where, {column: value})]); `where`
+    names the line a record starts on (a quoted field may hold line breaks)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    records, header, start = [], None, 1
+    try:
+        for line in reader:
+            if not line:
+                start = reader.line_num + 1
+                continue
+            if header is None:
+                header = line
+                twice = sorted({name for name in header if header.count(name) > 1})
+                if twice:
+                    raise ValueError(f"{path}:{start}: the header names column {twice[0]!r} twice; name each "
+                                     "column once")
+            elif len(line) != len(header):
+                raise ValueError(f"{path}:{start}: {len(line)} fields, the header has {len(header)} "
+                                 f"({', '.join(header)}); quote a field that holds the delimiter")
+            else:
+                records.append((f"{path}:{start}", dict(zip(header, line))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}:{start}: {e}; a quote left open?") from None
+    if header is None:
         raise ValueError(f"{path}: empty; the first row names the columns")
-    header = lines[0]
-    records = []
-    for n, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
-        if len(line) != len(header):
-            raise ValueError(f"{path}:{n}: {len(line)} fields, the header has {len(header)} ({', '.join(header)}); "
-                             "quote a field that holds the delimiter")
-        records.append((f"{path}:{n}", dict(zip(header, line))))
-    return records
+    return header, records
 
 
 def _jsonl_records(path, text):
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:

@@ -17,6 +17,9 @@ FOLDER, new or empty, receives:
 folder is a minibert model folder too: weights.load_pretrained reads it as it reads weights/<name>/.
 """
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,23 +32,33 @@ HEAD_FORMAT = "minibert-head/1"
 
 
 def export_run(run_dir, folder):
-    """Write the run in `run_dir` to `folder` (created if missing, refused unless empty) → folder."""
+    """Write the run in `run_dir` to `folder` (new, or empty) → folder. The files are written into
+    a temporary folder beside it, renamed into place when all are there: a failed export leaves
+    nothing behind."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: a file, not a folder; pass a new or empty folder to export to")
     if folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"{folder}: not empty; export never overwrites, so pass a new or empty folder")
     model, tokenizer, meta = load_model(run_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{folder}: cannot create the folder ({e.strerror}); pass one that can be written") from None
+        write_folder(tmp, Path(run_dir), model, tokenizer, meta)
+        os.replace(tmp, folder)  # an empty folder is replaced by the full one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_folder(folder, run_dir, model, tokenizer, meta):
     encoder = model.encoder
     write_json(folder / "config.json", hf_config(encoder.config))
     # Keys bare, without `bert.`: the layout of transformers' BertModel, which BertFor* models read too.
     weights = {source_name(name): tensor for name, tensor in merged_state(encoder).items()}
     save_tensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
-    vocab = vocabulary(tokenizer, Path(run_dir) / "tokenizer.json")
+    vocab = vocabulary(tokenizer, run_dir / "tokenizer.json")
     replace_atomically(folder / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t in vocab),
                                                                              encoding="utf-8"))
     save_tokenizer(folder / "tokenizer.json", tokenizer)
@@ -53,7 +66,6 @@ def export_run(run_dir, folder):
     save_tensors(folder / "head.safetensors",
                  {name: t for name, t in model.state_dict().items() if not name.startswith("encoder.")})
     write_json(folder / "head.json", head_record(model, meta))
-    return folder
 
 
 def hf_config(config):

@@ -90,14 +90,6 @@ class Replay:
         for recorded, x in zip(self.inputs, inputs, strict=True):
             recorded.copy_(x)
 
-    def epoch(self, batches, batch_size, step):
-        """→ run(i): batch i of the epoch. A full batch (`batch_size` rows) replays the recorded
-        step; the short last one runs `step(n, *batch)`, the same step eagerly, on its own shape."""
-        def run(i):
-            batch = batches[i]
-            return self(*batch) if len(batch[0]) == batch_size else step(len(batch[0]), *batch)
-        return run
-
     @property
     def captured(self):
         return self.graph is not None

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import ScenarioClassifier
+from .data import same_source
 from .device import device_name, native_bf16, peak_memory
 from .experiments import CHOICES, as_recorded
 from .lora import apply_lora
@@ -272,9 +273,9 @@ def load_model(run_dir):
 
 # ---- what train.py and evaluate.py write -------------------------------------------------------
 
-def check_run_dir(run_dir, resume, config):
+def check_run_dir(run_dir, resume, config, source):
     """Never overwrite a run silently: its checkpoint could be hours of work. A finished run asked
-    to resume is done if it trained with `config`, and refused if it trained with other settings."""
+    to resume is done if it trained with `config` on `source`, and refused if not."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
     existing = [f for f in ("checkpoint.safetensors", "results.json") if (run_dir / f).exists()]
@@ -287,23 +288,38 @@ def check_run_dir(run_dir, resume, config):
             raise ValueError(f"{run_dir / 'results.json'}: no hyperparameters, not a record of train.py; "
                              "delete the folder to train again, or pass another --out")
         check_same_config(record["hyperparameters"], config.to_dict(), run_dir)
+        if config.precision != "auto" and record.get("precision", config.precision) != config.precision:
+            raise ValueError(f"cannot resume {run_dir}: it was trained with precision {record['precision']}, not "
+                             f"{config.precision}; pass another --out to train again")
+        check_same_source(record.get("data"), source, run_dir)
         print(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
         sys.exit(0)
 
 
 def check_same_config(saved, current, run_dir):
+    """The hyperparameters a run was trained with against those asked for now. The precision is
+    compared as it was decided (check_resumable), not as it was asked for: auto, and bf16 by name,
+    can be the same run."""
     saved = as_recorded(saved)
-    differ = [k for k in current if saved[k] != current[k]]
+    differ = [k for k in current if k != "precision" and saved[k] != current[k]]
     if differ:
         details = ", ".join(f"{k}: {saved[k]!r} → {current[k]!r}" for k in differ)
         raise ValueError(f"cannot resume {run_dir} with other hyperparameters ({details}); resume it with the "
                          "settings it was trained with, or pass another --out")
 
 
-def check_resumable(saved, config, precision, world, run_dir):
-    """A checkpoint continues only the run that wrote it: the same hyperparameters, precision
-    and number of processes (a checkpoint without them predates them: fp32, one process)."""
+def check_same_source(recorded, source, run_dir):
+    if not same_source(recorded, source):
+        raise ValueError(f"cannot resume {run_dir} on other data ({source.record}); it was trained on "
+                         f"{recorded or {'format': 'massive'}}: pass the --data and flags it was trained with, or "
+                         "another --out")
+
+
+def check_resumable(saved, config, precision, world, source, run_dir):
+    """A checkpoint continues only the run that wrote it: the same hyperparameters, data, precision
+    and number of processes (a checkpoint without them predates them: MASSIVE, fp32, one process)."""
     check_same_config(saved["config"], config.to_dict(), run_dir)
+    check_same_source(saved.get("data"), source, run_dir)
     for what, now in (("precision", precision), ("processes", world)):
         then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
         if then != now:
@@ -380,7 +396,7 @@ def code_version():
     return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
 
 
-def write_training_results(run_dir, command, config, model, device, world, precision, fast, data, dev, test,
+def write_training_results(run_dir, command, *, config, model, device, world, precision, fast, data, dev, test,
                            history, n_train, steps_per_epoch, average, dev_best):
     """train.py's results.json: what was trained, on what, and how it did. `dev` and `test` are the
     final fp32 figures (of the SWA `average` where there is one), `dev_best` those of the kept

@@ -301,8 +301,5 @@ def batch_loss(run, index, contrastive_stage):
     import train
 
     input_ids, attention_mask, labels, intents = train.shard_on_device(run, index)
-    with run.autocast():  # as train.train_step computes it, without the step
-        if contrastive_stage:
-            return train.contrastive_loss(run, input_ids, attention_mask, labels, intents), None, labels
-        loss, logits = train.classifier_loss(run, len(index), input_ids, attention_mask, labels, intents)
+    loss, logits = train.batch_loss(run, contrastive_stage, len(index), input_ids, attention_mask, labels, intents)
     return loss, logits, labels

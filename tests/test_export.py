@@ -233,3 +233,18 @@ def test_bad_input_is_refused_in_one_line(case, message, full, tmp_path, capsys)
 def test_the_weights_command_still_prints_its_folder(capsys):
     main(["weights", str(TINY)])
     assert capsys.readouterr().out.strip() == str(TINY)
+
+
+def test_a_failed_export_leaves_nothing_behind(full, tmp_path, monkeypatch):
+    """A full disk half way: neither the folder nor a temporary one remains, and an empty folder
+    given stays as it was."""
+    def full_disk(path, tokenizer):
+        raise ValueError(f"cannot write {path} (No space left on device)")
+
+    monkeypatch.setattr(export, "save_tokenizer", full_disk)
+    for given in (tmp_path / "new", tmp_path / "empty"):
+        if given.name == "empty":
+            given.mkdir()
+        with pytest.raises(SystemExit, match="No space left on device"):
+            main(["export", str(full[0]), str(given)])
+        assert sorted(p.name for p in tmp_path.iterdir()) == (["empty"] if given.name == "empty" else [])

@@ -151,7 +151,7 @@ def bad_case(tmp_path, name):
         expect = f"{path}:5: 1 fields, the header has 2"
     elif name == "empty-label":
         rows[6][1] = " "
-        expect = f"{path}:8: column 'label' is ' ', not a non-empty string"
+        expect = f"{path}:8: column 'label' (--label-column) is ' ', not a non-empty string"
     elif name == "bad-split":
         header, rows = ["text", "label", "split"], [[*r, "train"] for r in rows]
         rows[2][2] = "validation"
@@ -172,13 +172,34 @@ def bad_case(tmp_path, name):
     elif name == "column-and-files":
         header, rows = ["text", "label", "split"], [[*r, "train"] for r in rows]
         flags = ["--split-column", "split", "--dev-data", str(path), "--test-data", str(path)]
-        expect = "--dev-data"
+        expect = "--dev-data and --test-data with --split-column split"
     elif name == "fractions":
         flags, expect = ["--dev-fraction", "0.5", "--test-fraction", "0.5"], "together below 1"
     elif name == "intents":
         flags, expect = ["--supervise", "intents"], "--supervise intents: MASSIVE's intents, which this data"
     elif name == "intent-labels":
         flags, expect = ["--labels", "intent"], "--labels intent: MASSIVE's intents"
+    elif name == "duplicate-header":
+        header = ["text", "label", "label"]
+        rows = [[*r, "x"] for r in rows]
+        expect = f"{path}:1: the header names column 'label' twice"
+    elif name == "quoted-newline":
+        rows[1] = ["two\nlines", "alarm"]
+        rows[4] = ["too", "many", "fields"]
+        expect = f"{path}:7: 3 fields"  # the header, a row, two lines of one row, two rows, then it
+    elif name == "open-quote":
+        path.write_text('text,label\n"' + "never closed " * 11_000 + ",alarm\n")
+        return ["--data", str(path)], f"{path}:2: field larger than field limit"
+    elif name == "json-suffix":
+        path = tmp_path / "data.json"
+        path.write_text('{"text": "a", "label": "x"}\n')
+        return ["--data", str(path)], "name the file .csv, .tsv or .jsonl"
+    elif name == "seed-with-column":
+        header, rows = ["text", "label", "split"], [[*r, "train"] for r in rows]
+        flags, expect = ["--split-column", "split", "--split-seed", "3"], "--split-seed applies to a random split"
+    elif name == "contrastive-intents":
+        flags = ["--experiment", "supcon", "--contrastive-labels", "intents"]
+        expect = "--contrastive-labels intents: MASSIVE's intents"
     elif name == "column-without-data":
         return ["--text-column", "sentence"], "--text-column: an option of data of your own; pass the file with --data"
     elif name == "jsonl-line":
@@ -191,9 +212,44 @@ def bad_case(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["no-such-column", "short-row", "empty-label", "bad-split", "label-unseen-in-train",
                                   "one-label", "not-utf8", "dev-without-test", "column-and-files", "fractions",
-                                  "intents", "intent-labels", "jsonl-line", "column-without-data"])
+                                  "intents", "intent-labels", "jsonl-line", "column-without-data", "duplicate-header",
+                                  "quoted-newline", "open-quote", "json-suffix", "seed-with-column",
+                                  "contrastive-intents"])
 def test_bad_own_data_is_one_line(name, tmp_path, capsys):
     flags, expect = bad_case(tmp_path, name)
     line = one_line_exit(train.main, [*TINY, *flags, "--out", str(tmp_path / "run")], capsys)
     assert expect in line, line
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_a_massive_file_refuses_the_options_of_your_own_data(massive_slice, tmp_path, capsys):
+    line = one_line_exit(train.main, [*TINY, "--data", str(massive_slice / "slice.jsonl"), "--split-seed", "2",
+                                      "--out", str(tmp_path / "run")], capsys)
+    assert "--split-seed with --data" in line and "a MASSIVE file" in line
+
+
+def test_jsonl_of_your_own_reads_what_json_writes(tmp_path):
+    """A byte-order mark, and U+2028 inside a string, which json.dumps(ensure_ascii=False) writes raw."""
+    rows = [("line\u2028separator", "a"), ("café", "b")] * 10
+    path = tmp_path / "own.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n"
+                                       for t, y in rows), encoding="utf-8")
+    data = load_data(Source(str(path)))
+    assert sorted(e.text for e in data.train + data.dev + data.test) == sorted(t for t, _ in rows)
+
+
+def test_a_run_folder_is_resumed_only_on_its_own_data(own_rows, tmp_path, capsys):
+    first = write_csv(tmp_path / "first.csv", ["text", "label"], own_rows)
+    second = write_csv(tmp_path / "second.csv", ["text", "label"], own_rows[::-1])
+    out = ["--out", str(tmp_path / "run"), "--epochs", "1"]
+    train.main([*TINY, "--data", str(first), *out])
+    line = one_line_exit(train.main, [*TINY, "--data", str(second), *out, "--resume"], capsys)
+    assert "cannot resume" in line and "on other data" in line and "first.csv" in line
+    line = one_line_exit(train.main, [*TINY, "--data", str(first), "--split-seed", "1", *out, "--resume"], capsys)
+    assert "on other data" in line
+    # evaluate.py reads the split the run trained on, or refuses.
+    run = tmp_path / "run"
+    line = one_line_exit(evaluate.main, [str(run), "--data", str(first), "--split-seed", "1"], capsys)
+    assert "splits other sentences into train, dev and test than the run's" in line and "first.csv" in line
+    evaluate.main([str(run), "--data", str(first)])
+    assert read_json(run / "eval-test.json")["accuracy"] == read_json(run / "results.json")["test"]["accuracy"]

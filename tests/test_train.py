@@ -199,7 +199,7 @@ def test_resume_with_other_precision_or_processes_is_refused(small_massive, mini
     with pytest.raises(SystemExit, match="interrupted"):
         train.main(args(small_massive, tmp_path))
     monkeypatch.undo()
-    with pytest.raises(SystemExit, match=r"other hyperparameters \(precision: 'auto' → 'bf16'\)"):
+    with pytest.raises(SystemExit, match="trained with precision fp32, not bf16"):
         train.main(args(small_massive, tmp_path, "--resume", "--precision", "bf16"))
     # The same flags on a CPU where auto decides bf16: the run it resumes was fp32.
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
@@ -617,7 +617,7 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
         assert parsed.precision == "fp32"  # a run setting passed through, not a lever
     config = train.config_from(train.parse_args(plan[1][1][2:]))
     assert config == PRESETS["search"].override(model="all-MiniLM-L6-v2", epochs=3, supervise="both", rdrop=4.0,
-                                              select="dev-best")
+                                              select="dev-best", precision="fp32")
     trained = PRESETS["search"].override(epochs=3, select="dev-best").to_dict()
     record = {"seed": 0, "test": None, "dev": {"accuracy": 0.9, "loss": 0.3, "n": 2033}, "dev_best": None,
               "dev_accuracy_per_epoch": [0.9], "wall_seconds": 60, "command": "python train.py",
