@@ -182,12 +182,7 @@ def load_massive(path=None, labels="scenario"):
 
 def parse_line(line, where):
     """One line of the file → (Example, partition), or a ValueError that names `where`."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}; column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+    record = json_object(line, where, "a JSON object")
     for key in FIELDS:
         if not isinstance(record.get(key), str):
             raise ValueError(f"{where}: missing or non-string field {key!r}")
@@ -444,15 +439,8 @@ def _table_records(path, text):
 def _jsonl_records(path, text):
     records = []
     for n, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}; column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object with the text and label fields")
-        records.append((f"{path}:{n}", record))
+        if line.strip():
+            records.append((f"{path}:{n}", json_object(line, f"{path}:{n}", "a JSON object of the text and label")))
     return records
 
 
@@ -473,6 +461,17 @@ def stratified_split(examples, source):
         chosen["dev"] += group[n_test:n_test + n_dev]
         chosen["train"] += group[n_test + n_dev:]
     return {name: [examples[i] for i in sorted(index)] for name, index in chosen.items()}  # in the file's order
+
+
+def json_object(line, where, expected):
+    """One line of a JSONL file → its object, or a ValueError that names `where`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}; column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected {expected}")
+    return record
 
 
 def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBALL_SHA256):
