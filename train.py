@@ -5,7 +5,8 @@
     python train.py --experiment baseline --resume         # continue an interrupted run
 
 A preset (minibert/experiments.py) fixes the paper's hyperparameters; every flag overrides it.
-Records go to runs/<experiment>-<model>-s<seed>/ (see minibert/runs.py).
+Records go to runs/<experiment>-<model>-s<seed>/, or runs/<experiment>-<model>-<file>-s<seed>/ for a
+file of your own (see minibert/runs.py).
 
 The script reads top to bottom in three parts: setup() builds the run (or restores it from its
 checkpoint), train_epoch() is the loop (forward, loss, backward, clip, step, schedule, log),
@@ -345,10 +346,10 @@ def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, int
         run.scaler.update()
     else:
         run.optimizer.step()
-    loss_sum, correct = run.totals
-    loss_sum += loss.detach()
+    loss_sum, correct = run.totals  # added to in place: a recorded step writes into these tensors
+    loss_sum.add_(loss.detach())
     if logits is not None:
-        correct += (logits.argmax(1) == labels).sum()
+        correct.add_((logits.argmax(1) == labels).sum())
 
 
 def batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):

@@ -293,7 +293,7 @@ def add_config_flags(parser):
             parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             parser.add_argument(flag(name), type=type(default), choices=CHOICES.get(name), default=None,
-                                help=f"{help} (preset: {default})")
+                                help=f"{help} (baseline: {default})")
 
 
 def config_from(args):

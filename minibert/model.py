@@ -117,7 +117,7 @@ class Layer(nn.Module):
         v = self.value(x).view(B, T, nh, hs).transpose(1, 2)
         p = self.attention_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)  # (B, nh, T, hs)
-        a = a.transpose(1, 2).reshape(B, T, H)
+        a = a.transpose(1, 2).reshape(B, T, H)  # (B, T, H), the heads side by side again
         x = self.attention_norm(x + self.dropout(self.attention_output(a)))
         h = F.gelu(self.intermediate(x))  # (B, T, I), exact erf GELU as in BERT
         return self.output_norm(x + self.dropout(self.output(h)))
