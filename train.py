@@ -40,9 +40,9 @@ from minibert.fast import EpochBatches, Replay
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
-from minibert.runs import (WriteError, check_resumable, check_run_dir, checkpoint_state, load_checkpoint, load_into,
-                           load_tensors, save_checkpoint, save_model, save_tensors, trainable_state, write_jsonl,
-                           write_training_results)
+from minibert.runs import (WriteError, check_resumable, check_run_dir, checkpoint_state, code_version, load_checkpoint,
+                           load_into, load_tensors, save_checkpoint, save_model, save_tensors, trainable_state,
+                           write_jsonl, write_training_results)
 from minibert.schedule import averages_after, learning_rate
 from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
@@ -85,6 +85,7 @@ class Run:
     labels: tuple
     source: Source  # where the sentences came from: MASSIVE, or a file of your own
     data: dict  # what results.json and the checkpoint keep of them: file, split, sizes, digest
+    code: dict  # the git commit of the code this process loaded, read when it started
     intents: dict  # split → (N,) intent ids, for --supervise and --contrastive-labels
     tokenizer: Tokenizer
     model: ScenarioClassifier
@@ -180,7 +181,8 @@ def setup(args):
               autocast=autocast, scaler=scaler, labels=data.labels, data=describe(source, data),
               intents={name: torch.tensor(data.intent_ids(data.split(name))) for name in splits},
               tokenizer=tokenizer, model=model, contrastive=contrastive, trained=trained, learner=learner,
-              splits=splits, run_dir=run_dir, average=WeightAverage(model) if config.swa else None, source=source)
+              splits=splits, run_dir=run_dir, average=WeightAverage(model) if config.swa else None, source=source,
+              code=code_version())
     run.optimizer = make_optimizer(run, contrastive_stage=config.stage1_epochs > 0)
     if args.resume and run.checkpoint.exists():
         restore(run)
@@ -486,7 +488,7 @@ def finish(run, argv):
     write_training_results(run.run_dir, command, config=config, model=model, device=device, world=run.world,
                            precision=run.precision, fast=fast, data=run.data, dev=dev, test=test, history=run.history,
                            n_train=len(run.splits["train"]), steps_per_epoch=run.steps_per_epoch, average=average,
-                           dev_best=dev_best)
+                           dev_best=dev_best, code=run.code)
     # The run is complete: its record and weights are written, so the training state can go.
     run.checkpoint.unlink(missing_ok=True)
     run.best_weights.unlink(missing_ok=True)

@@ -397,7 +397,7 @@ def code_version():
 
 
 def write_training_results(run_dir, command, *, config, model, device, world, precision, fast, data, dev, test,
-                           history, n_train, steps_per_epoch, average, dev_best):
+                           history, n_train, steps_per_epoch, average, dev_best, code):
     """train.py's results.json: what was trained, on what, and how it did. `dev` and `test` are the
     final fp32 figures (of the SWA `average` where there is one), `dev_best` those of the kept
     epoch with --select dev-best, `history` the rows of metrics.jsonl."""
@@ -421,12 +421,13 @@ def write_training_results(run_dir, command, *, config, model, device, world, pr
         "dev_best": dev_best,  # the kept epoch's figures; `test` above is the last epoch's
         **parameter_counts(model, probe=config.stage2 == "probe"),
         **peak_memory(device),
-    })
+    }, code)
 
 
-def write_results(run_dir, command, record):
+def write_results(run_dir, command, record, code=None):
     """results.json: `record` (experiment, hyperparameters, metrics, timing) with the run format,
-    the command, and the versions of the code, torch and Python that made it."""
+    the command, and the versions of the code, torch and Python that made it. `code`: the
+    code_version() read when the process started (a run of hours outlives commits); now if None."""
     write_json(Path(run_dir) / "results.json", {
         "format": FORMAT, **record, "torch": torch.__version__, "python": platform.python_version(),
-        **code_version(), "command": command})
+        **(code or code_version()), "command": command})

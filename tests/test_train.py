@@ -295,6 +295,26 @@ def test_a_run_records_its_cpu_and_the_precision_it_chose(tiny_model, small_mass
     assert len(results["git_commit"]) == 40 and isinstance(results["git_dirty"], bool)
 
 
+def test_a_run_records_the_code_it_started_with(small_massive, tmp_path, monkeypatch):
+    """A run of hours outlives commits: the record names the commit its process loaded, not the
+    one checked out when it finished."""
+    from minibert import runs
+
+    head = ["a" * 40]
+    checkout = lambda: {"git_commit": head[0], "git_dirty": False}  # noqa: E731
+    monkeypatch.setattr(train, "code_version", checkout)
+    monkeypatch.setattr(runs, "code_version", checkout)
+    train_epoch = train.train_epoch
+
+    def epoch_then_commit(run, epoch):
+        train_epoch(run, epoch)
+        head[0] = "b" * 40  # a commit lands while the run trains
+
+    monkeypatch.setattr(train, "train_epoch", epoch_then_commit)
+    run = train.main(tiny(small_massive, tmp_path / "run", "--epochs", "1"))
+    assert read_json(run / "results.json")["git_commit"] == "a" * 40
+
+
 def test_device_and_precision_are_chosen_once():
     assert device.pick_device("cpu") == torch.device("cpu")
     assert device.bf16_pays_off(torch.device("cpu")) in (True, False)  # it runs, whatever it finds
