@@ -32,11 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.cli import Parser
 from minibert.data import Source, add_data_flags, batch_order, describe, encode, load_data, source_from, to_device
-from minibert.device import (autocast_and_scaler, pick_device, pick_fast, pick_precision, setup_distributed,
-                             world_size)
+from minibert.device import (autocast_and_scaler, pick_compile, pick_device, pick_fast, pick_precision,
+                             setup_distributed, world_size)
 from minibert.evaluation import contrastive_record, evaluate
 from minibert.experiments import TrainConfig, add_config_flags, config_from
-from minibert.fast import EpochBatches, Replay
+from minibert.fast import EpochBatches, Replay, for_the_graph
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
@@ -58,6 +58,10 @@ def parse_args(argv=None):
                    help="the fast path: batches padded to --max-len, nothing that waits for the device, and on a GPU "
                         "the whole step replayed from one CUDA graph (on the CPU the same step runs eagerly). "
                         "Default: on for one GPU process in bf16 or fp32, off elsewhere")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="on the GPU's fast path, compile each encoder layer with torch.compile (fewer, fused kernels "
+                        "in the recorded step; the first steps of each shape wait for the compiler). Default: on "
+                        "with the fast path on a GPU")
     add_data_flags(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<model>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
@@ -80,6 +84,7 @@ class Run:
     world: int  # processes (torchrun); each trains on every world-th sentence of a batch
     precision: str  # fp32, bf16 or fp16: config.precision, with auto decided
     fast: bool  # the fast path: static shapes, no host sync, a CUDA graph on a GPU
+    compiled: bool  # the fast path's encoder layers compiled (a GPU's only)
     autocast: Callable  # () → a context: autocast, or nothing in fp32
     scaler: torch.amp.GradScaler | None  # fp16 only
     labels: tuple
@@ -152,6 +157,7 @@ def setup(args):
     rank, world, device = setup_distributed(device)  # under torchrun: one process per GPU or CPU share
     precision = pick_precision(device, config.precision)
     fast = pick_fast(device, args.fast, precision, world)
+    compiled = pick_compile(device, args.compile, fast)
     autocast, scaler = autocast_and_scaler(device, precision, fast)
 
     data = load_data(source, labels=config.labels)
@@ -159,6 +165,8 @@ def setup(args):
     model, contrastive, tokenizer = build_models(config, data, rank, world)
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
     trained.to(device)
+    if fast and device.type == "cuda":
+        for_the_graph(model.encoder, compile=compiled)  # fewer, larger kernels for the recorded step
     # What the classifier's gradients flow through: the whole model, or the head alone for a
     # probe. Under torchrun every process holds a replica and DDP averages the gradients.
     learner = model.head if config.stage2 == "probe" else model
@@ -178,7 +186,7 @@ def setup(args):
     run_dir.mkdir(parents=True, exist_ok=True)
 
     run = Run(config=config, args=args, device=device, rank=rank, world=world, precision=precision, fast=fast,
-              autocast=autocast, scaler=scaler, labels=data.labels, data=describe(source, data),
+              compiled=compiled, autocast=autocast, scaler=scaler, labels=data.labels, data=describe(source, data),
               intents={name: torch.tensor(data.intent_ids(data.split(name))) for name in splits},
               tokenizer=tokenizer, model=model, contrastive=contrastive, trained=trained, learner=learner,
               splits=splits, run_dir=run_dir, average=WeightAverage(model) if config.swa else None, source=source,
@@ -189,7 +197,8 @@ def setup(args):
     run.log(f"{config.experiment}: {model.encoder.name}, {len(data.labels)} labels, {len(splits['train'])} train "
             f"sentences, {run.steps_per_epoch} steps/epoch, {config.stage1_epochs} contrastive + {config.epochs} "
             f"classifier epochs, {device.type} {precision}" + (f", {world} processes" if world > 1 else "")
-            + (", fast path" + (" (CUDA graph)" if device.type == "cuda" else " (eager)") if fast else ""))
+            + (", fast path" + (" (CUDA graph)" if device.type == "cuda" else " (eager)") if fast else "")
+            + (", layers compiled" if compiled else ""))
     return run
 
 
@@ -211,7 +220,8 @@ def build_models(config, data, rank, world):
     model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups, config.pooling)
     # Stage 1's views drop config.drop_rate of the sentence vector before the projection head: the
     # paper's Table 3 keeps its 0.9 for the contrastive rows (ContrastiveModel's own default is 0.1).
-    contrastive = ContrastiveModel(encoder, config.drop_rate, config.pooling) if config.stage1_epochs else None
+    views = config.drop_rate if config.contrastive_drop_rate < 0 else config.contrastive_drop_rate
+    contrastive = ContrastiveModel(encoder, views, config.pooling) if config.stage1_epochs else None
     return model, contrastive, tokenizer
 
 
@@ -485,6 +495,7 @@ def finish(run, argv):
     save_model(run.run_dir, model, run.tokenizer, run.labels, config, run.data.get("label_column", config.labels))
     command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     fast = ("cuda graph" if run.replay is not None and run.replay.captured else "eager") if run.fast else None
+    fast = f"{fast}, compiled" if fast and run.compiled else fast
     write_training_results(run.run_dir, command, config=config, model=model, device=device, world=run.world,
                            precision=run.precision, fast=fast, data=run.data, dev=dev, test=test, history=run.history,
                            n_train=len(run.splits["train"]), steps_per_epoch=run.steps_per_epoch, average=average,

@@ -4,7 +4,7 @@ evaluate.py; the model code never asks.
     device      auto → cuda, then mps, then the CPU
     processes   torchrun's WORLD_SIZE; several join one process group (NCCL or gloo)
     precision   auto → bf16 autocast where the device runs bf16 natively and it pays off, else fp32
-    fast path   on for one GPU process in bf16 or fp32 (minibert/fast.py)
+    fast path   on for one GPU process in bf16 or fp32 (minibert/fast.py), its layers compiled
 """
 
 import os
@@ -103,6 +103,16 @@ def pick_fast(device, requested, precision, world):
         return device.type == "cuda" and not blockers
     if requested and blockers:
         raise ValueError(f"--fast cannot run with {blockers[0]}; drop --fast or that setting")
+    return requested
+
+
+def pick_compile(device, requested, fast):
+    """--compile: None (the default) compiles the encoder's layers wherever the step is recorded in
+    a CUDA graph (the GPU's fast path); asked for elsewhere, it is refused."""
+    if requested is None:
+        return fast and device.type == "cuda"
+    if requested and not (fast and device.type == "cuda"):
+        raise ValueError("--compile works on a GPU's fast path only (--device cuda, --fast); drop --compile")
     return requested
 
 

@@ -59,6 +59,9 @@ class TrainConfig:
     # Contrastive pre-training (§3.2.3): stage 1 with this loss, then the classifier (stage 2).
     loss: str = setting("ce", "ce; or supcon / simclr for a contrastive stage 1 before the classifier")
     temperature: float = setting(0.07, "contrastive: softmax temperature")
+    # The two views of a sentence differ by this dropout on its vector before the projection head.
+    contrastive_drop_rate: float = setting(-1.0, "contrastive: dropout that makes the two views, on the sentence "
+                                           "vector before the projection head (-1: --drop-rate, as the paper)")
     # The contrastive presets say -1: stage 1 runs as many epochs as stage 2.
     contrastive_epochs: int = setting(0, "contrastive: stage-1 epochs (-1: as many as --epochs)")
     stage2: str = setting("finetune", "after the contrastive stage: finetune everything, or probe (frozen encoder)")
@@ -131,6 +134,8 @@ class TrainConfig:
             ("lora_alpha", 0 < self.lora_alpha < math.inf, "must be a finite number above 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "must be at least 0 and below 1"),
             ("temperature", 0 < self.temperature < math.inf, "must be a finite number above 0"),
+            ("contrastive_drop_rate", self.contrastive_drop_rate == -1 or 0 <= self.contrastive_drop_rate < 1,
+             "must be at least 0 and below 1, or -1 for --drop-rate"),
             ("contrastive_epochs", self.contrastive_epochs >= -1, "must be 0 or more, or -1 for as many as --epochs"),
             ("layer_decay", 0 < self.layer_decay <= 1, "must be above 0 and at most 1 (1 turns it off)"),
             ("rdrop", 0 <= self.rdrop < math.inf, "must be a finite number, 0 or more (0 turns it off)"),
@@ -178,6 +183,9 @@ class TrainConfig:
         if self.simclr_negatives != "all" and self.loss != "simclr":
             raise ValueError(f"--simclr-negatives {self.simclr_negatives} with --loss {self.loss}: it changes SimCLR's "
                              "negatives only; pass --loss simclr, or --simclr-negatives all")
+        if self.contrastive_drop_rate != -1 and not self.stage1_epochs:
+            raise ValueError(f"--contrastive-drop-rate {self.contrastive_drop_rate} without a contrastive stage: "
+                             "pass --loss supcon or simclr and --contrastive-epochs, or drop it")
         if world > 1 and self.stage1_epochs:
             raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
                              "would be split across processes); start a single process")

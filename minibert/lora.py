@@ -26,9 +26,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        return y if self.merged else y + self.update(x)
+
+    def update(self, x):
+        """The low-rank term (alpha / r) · B A dropout(x); none once merged into W."""
         if self.merged:
-            return y
-        return y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+            return 0
+        return (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
 
     def delta(self):
         return (self.lora_B @ self.lora_A) * self.scale  # (out, in)

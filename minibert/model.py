@@ -92,6 +92,8 @@ class Layer(nn.Module):
     """Multi-head self-attention, then the feed-forward block, each with residual and LayerNorm.
 
     `query`, `key` and `value` are separate Linear modules on purpose: LoRA finds them by name.
+    With `fused_qkv` (set by the GPU's fast path, minibert/fast.py) the three run as one matrix
+    product over their weights stacked: the same function in fewer, larger kernels.
     """
 
     def __init__(self, config):
@@ -108,19 +110,31 @@ class Layer(nn.Module):
         self.output_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
         self.attention_dropout = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.fused_qkv = False
 
     def forward(self, x, attend):
         B, T, H = x.shape
         nh, hs = self.n_head, H // self.n_head
-        q = self.query(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.key(x).view(B, T, nh, hs).transpose(1, 2)
-        v = self.value(x).view(B, T, nh, hs).transpose(1, 2)
+        q, k, v = (y.view(B, T, nh, hs).transpose(1, 2) for y in self.project(x))  # (B, nh, T, hs) each
         p = self.attention_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)  # (B, nh, T, hs)
         a = a.transpose(1, 2).reshape(B, T, H)  # (B, T, H), the heads side by side again
         x = self.attention_norm(x + self.dropout(self.attention_output(a)))
         h = F.gelu(self.intermediate(x))  # (B, T, I), exact erf GELU as in BERT
         return self.output_norm(x + self.dropout(self.output(h)))
+
+    def project(self, x):
+        """→ query, key and value of x, each (B, T, H)."""
+        projections = (self.query, self.key, self.value)
+        if not self.fused_qkv:
+            return tuple(linear(x) for linear in projections)
+        # A LoRA-adapted projection stacks its frozen base and adds its own low-rank update.
+        bases = [getattr(linear, "base", linear) for linear in projections]
+        weight = torch.cat([base.weight for base in bases])  # (3H, H)
+        bias = torch.cat([base.bias for base in bases])
+        qkv = F.linear(x, weight, bias).chunk(3, dim=-1)
+        return tuple(y + linear.update(x) if linear is not base else y
+                     for y, linear, base in zip(qkv, projections, bases))
 
 
 class BertModel(nn.Module):

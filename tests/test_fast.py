@@ -36,16 +36,27 @@ def history(run_dir):
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+FAST_PATHS = {  # device, the fast run's flags, what its results.json says of it
+    "cpu": ("cpu", [], "eager"),
+    "cuda": ("cuda", [], "cuda graph, compiled"),
+    "cuda-no-compile": ("cuda", ["--no-compile"], "cuda graph"),
+}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=GPU if p.startswith("cuda") else ()) for p in FAST_PATHS])
 @pytest.mark.parametrize("flags", CONFIGS.values(), ids=CONFIGS.keys())
-def test_the_fast_path_trains_as_the_eager_loop(flags, device, tiny_model, small_massive, tmp_path):
-    """On the CPU the fast path's step runs eagerly; on a GPU it is replayed from a CUDA graph."""
+def test_the_fast_path_trains_as_the_eager_loop(flags, path, tiny_model, small_massive, tmp_path):
+    """On the CPU the fast path's step runs eagerly; on a GPU it is replayed from a CUDA graph,
+    with query, key and value as one product, and by default each encoder layer compiled."""
+    device, fast_flags, recorded = FAST_PATHS[path]
+    if device == "cuda":
+        torch._dynamo.reset()  # each case compiles its own shapes, within torch.compile's recompile limit
     common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--drop-rate", "0",
               "--lr", "5e-4", "--device", device, "--precision", "fp32", *flags]
     eager, fast = (train.main([*common, "--out", str(tmp_path / name), *extra])
-                   for name, extra in (("eager", ["--no-fast"]), ("fast", ["--fast"])))
+                   for name, extra in (("eager", ["--no-fast"]), ("fast", ["--fast", *fast_flags])))
     assert read_json(eager / "results.json")["fast"] is None
-    assert read_json(fast / "results.json")["fast"] == {"cpu": "eager", "cuda": "cuda graph"}[device]
+    assert read_json(fast / "results.json")["fast"] == recorded
     for a, b in zip(history(eager), history(fast), strict=True):
         figures = [k for k in a if "second" not in k]  # every figure but the clock's
         assert [k for k in b if "second" not in k] == figures
@@ -53,6 +64,38 @@ def test_the_fast_path_trains_as_the_eager_loop(flags, device, tiny_model, small
             assert b[key] == (pytest.approx(a[key], rel=1e-5) if "loss" in key else a[key]), key
     assert read_json(fast / "results.json")["test"]["loss"] == pytest.approx(
         read_json(eager / "results.json")["test"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_qkv_is_the_same_function(lora):
+    """Query, key and value as one product over the stacked weights (the GPU's fast path): the
+    same outputs and the same gradients as three products, LoRA-adapted projections included."""
+    from minibert.lora import apply_lora
+    from minibert.model import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    models = [BertModel(config, with_pooler=False), BertModel(config, with_pooler=False)]
+    for model in models:
+        if lora:
+            apply_lora(model, 4, 8.0)
+            for module in model.modules():  # B starts at zero: make the update count
+                if hasattr(module, "lora_B"):
+                    torch.nn.init.normal_(module.lora_B)
+    models[1].load_state_dict(models[0].state_dict())
+    for layer in models[1].layers:
+        layer.fused_qkv = True
+    ids = torch.randint(1, 50, (3, 7))
+    mask = (torch.arange(7) < torch.tensor([[7], [4], [2]])).long()
+    outputs = [model(ids, mask) for model in models]
+    assert torch.allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for output in outputs:
+        output.square().sum().backward()
+    grads = [{n: p.grad for n, p in model.named_parameters() if p.requires_grad} for model in models]
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0]) == lora
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_epoch_batches_hold_each_batch_padded_to_max_len(small_massive, minilm_dir):

@@ -221,3 +221,14 @@ def test_simclr_without_false_negatives_hides_same_label_views(tiny_model, small
     run = train.setup(train.parse_args([*common, "--out", str(tmp_path / "b")]))
     cases.batch_loss(run, torch.arange(16), contrastive_stage=True)
     assert seen[-1] is None
+
+
+def test_contrastive_drop_rate_sets_the_views_dropout_alone(tiny_model, small_massive, tmp_path):
+    """--contrastive-drop-rate changes the dropout between the two views of stage 1; the head's
+    dropout of stage 2 stays --drop-rate. Without it, both are --drop-rate, as in the paper."""
+    common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--experiment", "simclr",
+              "--contrastive-epochs", "1", "--epochs", "1", "--no-test", "--drop-rate", "0.9"]
+    run = train.setup(train.parse_args([*common, "--out", str(tmp_path / "a"), "--contrastive-drop-rate", "0.1"]))
+    assert (run.contrastive.dropout.p, run.model.dropout.p) == (0.1, 0.9)
+    run = train.setup(train.parse_args([*common, "--out", str(tmp_path / "b")]))
+    assert (run.contrastive.dropout.p, run.model.dropout.p) == (0.9, 0.9)
