@@ -30,3 +30,30 @@ def test_stage1_reads_the_encoder_at_the_end_of_the_contrastive_stage(small_mass
     train.train_epoch(run, 1)  # the classifier epoch overwrites the checkpoint: no longer stage 1's
     with pytest.raises(SystemExit, match="epoch 2 of a run whose stage 1 has 1"):
         stage1.main([str(run.checkpoint), "--model", str(REFERENCE / "tiny_odd"), "--data", str(small_massive)])
+
+
+def test_curves_average_the_classifier_epochs_over_seeds(tmp_path, capsys):
+    """lab.curves: dev accuracy per classifier epoch, mean ± std over an arm's runs, contrastive
+    epochs left out, cut at the fewest epochs any run completed; a glob naming nothing is refused."""
+    import json
+
+    from lab import curves
+
+    def run(name, dev):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"epoch": 1, "stage": "contrastive", "train_loss": 0.5},
+                *({"epoch": i + 2, "stage": "classifier", "dev_accuracy": a} for i, a in enumerate(dev))]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    run("a-s0", [0.5, 0.7, 0.9])
+    run("a-s1", [0.7, 0.9])  # stopped an epoch early
+    run("b-s0", [0.6, 0.8, 0.8])
+    curves.main([f"a={tmp_path}/a-s*", f"b={tmp_path}/b-s*"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| arm | seeds | epoch 1 | epoch 2 |"
+    assert lines[2] == "| a | 2 | 0.6000 ± 0.1414 | 0.8000 ± 0.1414 |"
+    assert lines[3] == "| b | 1 | 0.6000 ± 0.0000 | 0.8000 ± 0.0000 |"
+    with pytest.raises(SystemExit) as e:
+        curves.main([f"c={tmp_path}/c-s*"])
+    assert e.value.code == 2 and "the glob naming at least one run folder" in capsys.readouterr().err
