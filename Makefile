@@ -110,8 +110,8 @@ tune: install data
 
 # Training and evaluation speed against transformers, side by side in one process.
 bench: install data
-	$(PY) lab/speed.py
+	$(PY) -m lab.speed
 # The same on a CUDA GPU: bert-base shapes, random weights; transformers compiled, peft LoRA, minibert
-# eager and fast (CUDA graph).
+# eager and fast (CUDA graph, fused QKV, compiled layers), and a profile of the fast step by kernel kind.
 bench-gpu: install
-	$(PY) lab/gpu.py
+	$(PY) -m lab.gpu --profile
