@@ -218,8 +218,9 @@ def build_models(config, data, rank, world):
         apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_list)
     groups = data.intent_groups() if config.supervise != "labels" else None
     model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups, config.pooling)
-    # Stage 1's views drop config.drop_rate of the sentence vector before the projection head: the
-    # paper's Table 3 keeps its 0.9 for the contrastive rows (ContrastiveModel's own default is 0.1).
+    # Stage 1's views drop --contrastive-drop-rate of the sentence vector before the projection head,
+    # by default --drop-rate: the paper's Table 3 keeps its 0.9 for the contrastive rows
+    # (ContrastiveModel's own default is 0.1).
     views = config.drop_rate if config.contrastive_drop_rate < 0 else config.contrastive_drop_rate
     contrastive = ContrastiveModel(encoder, views, config.pooling) if config.stage1_epochs else None
     return model, contrastive, tokenizer

@@ -32,6 +32,10 @@ def dev_curve(folder):
 def table(arms, epochs=None):
     """arms: name → list of run folders. → a markdown table, one row per arm."""
     curves = {name: [dev_curve(f) for f in folders] for name, folders in arms.items()}
+    for name, folders in arms.items():
+        for folder, curve in zip(folders, curves[name]):
+            if not curve:
+                raise ValueError(f"{folder}: no classifier epoch with a dev accuracy in its metrics.jsonl")
     shortest = min(len(c) for runs in curves.values() for c in runs)
     n = min(shortest, epochs or shortest)
     lines = ["| arm | seeds | " + " | ".join(f"epoch {i + 1}" for i in range(n)) + " |",
@@ -51,12 +55,16 @@ def main(argv=None):
     p.add_argument("arms", nargs="+", metavar="NAME=GLOB", help="an arm's name and the glob of its run folders")
     p.add_argument("--epochs", type=int, default=None, help="classifier epochs to show (default: all in common)")
     args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"argument --epochs: must be at least 1, not {args.epochs}")
     arms = {}
     for arm in args.arms:
         name, sep, pattern = arm.partition("=")
         folders = sorted(glob.glob(pattern))
         if not sep or not name or not folders:
             p.error(f"argument {arm!r}: give NAME=GLOB, the glob naming at least one run folder")
+        if name in arms:
+            p.error(f"argument {arm!r}: the arm {name!r} is named twice; give each arm its own name")
         arms[name] = folders
     try:
         print(table(arms, args.epochs))

@@ -74,10 +74,8 @@ def minibert(config, lora_r=0, fused_qkv=False, compiled=False):
     encoder = BertModel(config, with_pooler=False)
     if lora_r:
         apply_lora(encoder, lora_r, 8.0)
-    if fused_qkv or compiled:
+    if fused_qkv:  # as train.py's fast path on a GPU, compiled or not
         for_the_graph(encoder, compile=compiled)
-        for layer in encoder.layers:
-            layer.fused_qkv = fused_qkv
     return ScenarioClassifier(encoder, N_LABELS)
 
 
@@ -212,6 +210,8 @@ def profile(name, replay, data, device, top=10):
     for label, kernels in (("run eagerly", eager), ("replayed", graph)):
         print(f"  {label}: {sum(c for _, c, _ in kernels) / n:.0f} kernels, "
               f"{sum(t for _, _, t in kernels) / n / 1000:.3f} ms of kernel time")
+    # The profiler sees a replay's kernels one by one with a recent CUPTI; where it does not (a
+    # handful of graph launches), the eager run's kernels, the same ones, stand in.
     kernels = graph if sum(c for _, c, _ in graph) >= sum(c for _, c, _ in eager) / 2 else eager
     by_kind = {}
     for key, count, time_us in kernels:
@@ -240,6 +240,7 @@ def limits(device, config):
     copy = timed(lambda: big.clone(), [()] * 5, device) / 5
     bandwidth = 2 * big.numel() * 4 / copy / 1e12  # read and write
     del a, big
+    torch.cuda.reset_peak_memory_stats(device)  # the peak reported at the end is the systems', not these buffers'
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = 16 * 20
     flops = 3 * 2 * tokens * L * (4 * H * H + 2 * H * I)  # forward + backward (twice the forward)

@@ -29,9 +29,10 @@ import torch
 def for_the_graph(encoder, compile=True):
     """Set up `encoder` (a BertModel) for a GPU's recorded step: each layer's query, key and value
     as one matrix product (Layer.fused_qkv), and with `compile`, each layer and the embeddings
-    compiled for fixed shapes. Every layer shares one compiled graph; a new shape (an epoch's short
-    last batch, evaluation's batch) or mode (train, eval) compiles once more. Weights and their
-    names stay as they are."""
+    compiled for fixed shapes. Every layer shares one compiled graph (torch 2.5 and later); a new
+    shape (an epoch's short last batch, evaluation's batch) or mode (train, eval) compiles once
+    more, up to torch.compile's recompile limit, past which a shape runs eagerly. Weights and
+    their names stay as they are."""
     for layer in encoder.layers:
         layer.fused_qkv = True
         if compile:

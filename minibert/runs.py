@@ -413,7 +413,7 @@ def write_training_results(run_dir, command, *, config, model, device, world, pr
         "precision": precision,
         "native_bf16": native_bf16(device),  # the default precision's deciding fact
         "eval_precision": "fp32",  # dev and test below; per-epoch dev figures use `precision`
-        "fast": fast,  # the fast path's steps: "cuda graph", or "eager" (the same static step); None: off
+        "fast": fast,  # the fast path's steps: "cuda graph" (", compiled"), or "eager" (the same static step); None: off
         "test": test,
         "dev": dev,
         **history_record(history, n_train, steps_per_epoch),

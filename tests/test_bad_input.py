@@ -269,6 +269,7 @@ BAD_NUMBERS = {
     "--lora-alpha": ["0", "-8", "nan", "inf"],
     "--lora-dropout": ["-0.1", "1", "nan"],
     "--temperature": ["0", "-0.07", "nan", "inf"],
+    "--contrastive-drop-rate": ["-0.5", "1", "nan"],
     "--contrastive-epochs": ["-2"],
     "--layer-decay": ["0", "-0.5", "1.5", "nan"],
     "--rdrop": ["-1", "nan", "inf"],

@@ -57,3 +57,21 @@ def test_curves_average_the_classifier_epochs_over_seeds(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         curves.main([f"c={tmp_path}/c-s*"])
     assert e.value.code == 2 and "the glob naming at least one run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["a={dir}/a-s*", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["a={dir}/a-s*", "a={dir}/a-s*"], "the arm 'a' is named twice"),
+    (["e={dir}/e-s*"], "no classifier epoch with a dev accuracy"),
+])
+def test_curves_refuse_what_they_cannot_show(argv, message, tmp_path, capsys):
+    from lab import curves
+
+    for name, rows in (("a-s0", '{"stage": "classifier", "dev_accuracy": 0.5}\n'),
+                       ("e-s0", '{"stage": "contrastive", "train_loss": 0.5}\n')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(rows)
+    with pytest.raises(SystemExit) as e:
+        curves.main([a.format(dir=tmp_path) for a in argv])
+    said = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err  # sys.exit(line) or p.error
+    assert e.value.code not in (0, None) and message in said
