@@ -435,6 +435,25 @@ def test_report_from_run_folders(finished_run, small_massive, tmp_path, monkeypa
     assert "| baseline |" in (paper / "report.md").read_text()
 
 
+def test_report_sets_a_variant_beside_the_paper_row_it_varies(finished_run, tmp_path):
+    """A recipe the paper has no row for (simclr-swa-cosine) is shown beside the paper's row of
+    the recipe it varies (simclr, 0.9152), marked as such; the paper's own rows are not marked."""
+    from lab import report
+
+    for name in ("simclr-swa-cosine", "baseline"):
+        run = tmp_path / f"{name}-s0"
+        run.mkdir()
+        results = read_json(finished_run / "results.json")
+        results["experiment"] = name
+        (run / "results.json").write_text(json.dumps(results))
+    report.main([str(tmp_path)])
+    table = (tmp_path / "report.md").read_text()
+    accuracy = results["test"]["accuracy"]
+    assert f"| 0.9152 (simclr)² | {100 * (accuracy - 0.9152):+.2f} pt |" in table
+    assert "| 0.8762 | " in table and "| 0.8762 (" not in table
+    assert "² The paper has no row for this recipe" in table
+
+
 def test_report_keeps_each_machines_clock_apart():
     """A row whose seeds ran on two machines reports each one's wall time and rate, not their mean."""
     from lab import report
