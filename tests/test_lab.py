@@ -75,3 +75,19 @@ def test_curves_refuse_what_they_cannot_show(argv, message, tmp_path, capsys):
         curves.main([a.format(dir=tmp_path) for a in argv])
     said = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err  # sys.exit(line) or p.error
     assert e.value.code not in (0, None) and message in said
+
+
+def test_gpu_profile_sorts_kernels_by_kind():
+    """lab.gpu's profile: kernel names as the H200's profiler printed them, each to its kind; a
+    Triton kernel that fuses a LayerNorm counts as compiled, not as LayerNorm."""
+    from lab.gpu import kind_of
+
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert kind_of("nvjet_sm90_tst_64x40_64x16_2x4_h_bz_bias_TNT") == "matmul"
+    assert kind_of("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert kind_of("triton_per_fused_native_layer_norm_backward_3") == "compiled (Triton, fused)"
+    assert kind_of("void at::native::vectorized_layer_norm_kernel<float>") == "LayerNorm"
+    assert kind_of("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>") == "copies and fills"
+    assert kind_of("void at::native::reduce_kernel<128, 4, ReduceOp<c10::BFloat16>>") == "reductions"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == "pointwise"
+    assert kind_of("something_else") == "other"
