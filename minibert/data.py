@@ -410,7 +410,10 @@ def read_rows(path, source):
 def _table_records(path, text):
     """CSV (or TSV, by its suffix) with a header row → (header, [(where, {column: value})]); `where`
     names the line a record starts on (a quoted field may hold line breaks)."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    # strict: a field that opens with a quote must close it before the delimiter; the lenient
+    # default would read '"Play" it loud' as 'Play it loud' without a word
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                        strict=True)
     records, header, start = [], None, 1
     try:
         for line in reader:
@@ -430,6 +433,9 @@ def _table_records(path, text):
                 records.append((f"{path}:{start}", dict(zip(header, line))))
             start = reader.line_num + 1
     except csv.Error as e:
+        if "expected after" in str(e):  # text after a closing quote
+            raise ValueError(f"{path}:{start}: a field starts with a quote that closes before its end; quote the "
+                             'whole field and double the quotes inside it ("""Play"" it loud")') from None
         raise ValueError(f"{path}:{start}: {e}; a quote left open?") from None
     if header is None:
         raise ValueError(f"{path}: empty; the first row names the columns")

@@ -136,6 +136,20 @@ def test_tsv_jsonl_and_split_files_read_the_same_rows(own_rows, tmp_path):
     assert split.labels == tuple(sorted(RENAMED.values()))
 
 
+def test_quotes_in_a_sentence_are_read_as_written(tmp_path):
+    """A quote inside a field is text; a field quoted whole (as csv writers quote one that holds a
+    quote, the delimiter or a line break) is read back exactly, in a CSV and in a TSV."""
+    rows = [['say "hi" to mom', "call"], ['"Play" it loud', "music"], ["tab\there, comma", "music"],
+            ['two\nlines "quoted"', "call"]] * 3
+    for name, sep in (("q.csv", ","), ("q.tsv", "\t")):
+        data = load_data(Source(str(write_csv(tmp_path / name, ["text", "label"], rows, sep))))
+        read = sorted((e.text, e.label) for e in data.train + data.dev + data.test)
+        assert read == sorted(tuple(r) for r in rows), name
+    (tmp_path / "raw.csv").write_text("text,label\n" + 'say "hi" to mom,call\nplay it,music\n' * 10)
+    data = load_data(Source(str(tmp_path / "raw.csv")))
+    assert {e.text for e in data.train + data.dev + data.test} == {'say "hi" to mom', "play it"}
+
+
 GOOD = [["wake me up at seven", "alarm"], ["is it raining", "weather"], ["set an alarm", "alarm"],
         ["sunny tomorrow", "weather"]] * 5
 
@@ -190,6 +204,15 @@ def bad_case(tmp_path, name):
     elif name == "open-quote":
         path.write_text('text,label\n"' + "never closed " * 11_000 + ",alarm\n")
         return ["--data", str(path)], f"{path}:2: field larger than field limit"
+    elif name in ("quote-then-text", "tsv-quote-then-text"):
+        path = tmp_path / ("data.tsv" if name.startswith("tsv") else "data.csv")
+        sep = "\t" if name.startswith("tsv") else ","
+        path.write_text("".join(f"{t}{sep}{y}\n" for t, y in [("text", "label"), *GOOD[:3], ('"Play" it loud', "music"),
+                                                             *GOOD[3:]]))
+        return ["--data", str(path)], f"{path}:5: a field starts with a quote that closes before its end"
+    elif name == "quote-at-the-end":
+        path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in GOOD) + '"never closed,alarm\n')
+        return ["--data", str(path)], f"{path}:22: unexpected end of data; a quote left open?"
     elif name == "json-suffix":
         path = tmp_path / "data.json"
         path.write_text('{"text": "a", "label": "x"}\n')
@@ -214,7 +237,8 @@ def bad_case(tmp_path, name):
                                   "one-label", "not-utf8", "dev-without-test", "column-and-files", "fractions",
                                   "intents", "intent-labels", "jsonl-line", "column-without-data", "duplicate-header",
                                   "quoted-newline", "open-quote", "json-suffix", "seed-with-column",
-                                  "contrastive-intents"])
+                                  "contrastive-intents", "quote-then-text", "tsv-quote-then-text",
+                                  "quote-at-the-end"])
 def test_bad_own_data_is_one_line(name, tmp_path, capsys):
     flags, expect = bad_case(tmp_path, name)
     line = one_line_exit(train.main, [*TINY, *flags, "--out", str(tmp_path / "run")], capsys)
