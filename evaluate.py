@@ -82,7 +82,24 @@ def parse_args(argv=None):
                 "--weight-changes run on the CPU)")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; pass a folder")
+    if args.out and (held := trained_run_files(Path(args.out))):
+        p.error(f"--out {args.out} holds a trained run ({', '.join(held)}), whose results.json the zero-shot record "
+                "would replace; pass a folder of its own")
     return args
+
+
+def trained_run_files(folder):
+    """What in `folder` belongs to a run other than a zero-shot one. A zero-shot record is rewritten
+    in place: it is the same for the same model, seed and data."""
+    held = [name for name in ("checkpoint.safetensors", "model.safetensors") if (folder / name).exists()]
+    if (folder / "results.json").exists():
+        try:
+            experiment = read_json(folder / "results.json").get("experiment")
+        except (ValueError, AttributeError):
+            experiment = None
+        if experiment != "zeroshot":
+            held.append("results.json")
+    return held
 
 
 def report(split_name, logits, labels, names):

@@ -149,6 +149,10 @@ CASES = [
     ("zero-shot-split", [*EVALUATE, "--zero-shot", "--split", "dev"], {}, {}, "--split"),
     ("zero-shot-out-file", [*EVALUATE, "--zero-shot", "--out", "{tmp}/model/vocab.txt"], {}, {}, "--out"),
     ("neither", [*EVALUATE], {}, {}, "give either RUN_DIR or --zero-shot"),
+    ("zero-shot-onto-a-run", [*EVALUATE, "--zero-shot", "--out", "{run}"], {}, {},
+     "holds a trained run (model.safetensors)"),
+    ("zero-shot-onto-a-record", [*EVALUATE, "--zero-shot", "--out", "{tmp}/done"],
+     {"done/results.json": '{"experiment": "baseline"}'}, {}, "holds a trained run (results.json)"),
 ]
 
 

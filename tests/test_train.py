@@ -178,6 +178,9 @@ def test_zero_shot_lands_near_chance(small_massive, minilm_dir, tmp_path):
     # Binomial(48, 1/18), mean 2.7, and P(count ≤ 8) = 0.9988 (a one-sided 99.9 % bound; the
     # lower end of the two-sided interval is 0, with P(count = 0) = 0.064).
     assert right <= 8
+    # Run again into its own folder, as `make paper` does: the record is rewritten, the same.
+    evaluate.main(["--zero-shot", "--model", "all-MiniLM-L6-v2", "--data", str(small_massive), "--out", str(tmp_path)])
+    assert read_json(tmp_path / "results.json")["test"] == results["test"]
 
 
 def test_existing_run_is_not_overwritten(finished_run, small_massive):
