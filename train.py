@@ -15,6 +15,7 @@ finish() evaluates and writes the records.
 
 import argparse
 import math
+import os
 import shlex
 import sys
 import time
@@ -40,9 +41,9 @@ from minibert.fast import EpochBatches, Replay, for_the_graph
 from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
-from minibert.runs import (WriteError, check_resumable, check_run_dir, checkpoint_state, code_version, load_checkpoint,
-                           load_into, load_tensors, save_checkpoint, save_model, save_tensors, trainable_state,
-                           write_jsonl, write_training_results)
+from minibert.runs import (RunComplete, WriteError, check_resumable, check_run_dir, checkpoint_state, code_version,
+                           load_checkpoint, load_into, load_tensors, save_checkpoint, save_model, save_tensors,
+                           trainable_state, write_jsonl, write_training_results)
 from minibert.schedule import averages_after, learning_rate
 from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
@@ -136,6 +137,10 @@ def main(argv=None):
         for epoch in range(run.start_epoch, run.config.stage1_epochs + run.config.epochs):
             train_epoch(run, epoch)
         return finish(run, argv)
+    except RunComplete as done:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process says so
+            print(done)
+        sys.exit(0)
     except WriteError as e:  # a full disk, say: the last completed epoch's checkpoint is intact
         sys.exit(f"train.py: {e.line('run the same command with --resume')}")
     except (ValueError, DownloadError, OSError) as e:

@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -37,6 +36,10 @@ from .tokenizer import Tokenizer
 from .weights import load_pretrained
 
 FORMAT = "minibert-run/1"
+
+
+class RunComplete(Exception):
+    """Asked to resume a run that has finished: there is nothing to do, and that is no error."""
 
 
 class WriteError(ValueError):
@@ -275,7 +278,7 @@ def load_model(run_dir):
 
 def check_run_dir(run_dir, resume, config, source):
     """Never overwrite a run silently: its checkpoint could be hours of work. A finished run asked
-    to resume is done if it trained with `config` on `source`, and refused if not."""
+    to resume is done (RunComplete) if it trained with `config` on `source`, and refused if not."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
     existing = [f for f in ("checkpoint.safetensors", "results.json") if (run_dir / f).exists()]
@@ -292,8 +295,7 @@ def check_run_dir(run_dir, resume, config, source):
             raise ValueError(f"cannot resume {run_dir}: it was trained with precision {record['precision']}, not "
                              f"{config.precision}; pass another --out to train again")
         check_same_source(record.get("data"), source, run_dir)
-        print(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
-        sys.exit(0)
+        raise RunComplete(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
 
 
 def check_same_config(saved, current, run_dir):
