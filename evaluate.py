@@ -22,7 +22,7 @@ from minibert.experiments import CHOICES, MAX_SEED, TrainConfig
 from minibert.fetch import DownloadError
 from minibert.predictor import TrainedRun
 from minibert.device import device_name, pick_device
-from minibert.runs import load_model, read_json, write_csv, write_json, write_results
+from minibert.runs import default_run_dir, load_model, read_json, write_csv, write_json, write_results
 from minibert.weights import load_pretrained
 
 
@@ -157,8 +157,7 @@ def zero_shot(args, argv):
     test = encode(tokenizer, data.test, data.label_ids(data.test), config.max_len)
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
     pooled = "" if config.pooling == "cls" else f"-{config.pooling}"
-    own = f"-{Path(source.path).stem}" if source.own else ""
-    run_dir = Path(args.out or f"runs/zeroshot-{Path(encoder.name).name}{own}{pooled}-s{config.seed}")
+    run_dir = Path(args.out) if args.out else default_run_dir("zeroshot", encoder.name, source, config.seed, pooled)
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.embeddings:
         analyse_embeddings(model, tokenizer, data, config.max_len, run_dir, f"pretrained {encoder.name}")

@@ -42,8 +42,8 @@ from minibert.fetch import DownloadError
 from minibert.lora import apply_lora
 from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
 from minibert.runs import (RunComplete, WriteError, check_resumable, check_run_dir, checkpoint_state, code_version,
-                           load_checkpoint, load_into, load_tensors, save_checkpoint, save_model, save_tensors,
-                           trainable_state, write_jsonl, write_training_results)
+                           default_run_dir, load_checkpoint, load_into, load_tensors, save_checkpoint, save_model,
+                           save_tensors, trainable_state, write_jsonl, write_training_results)
 from minibert.schedule import averages_after, learning_rate
 from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
@@ -184,8 +184,7 @@ def setup(args):
         raise ValueError(f"the last batch holds {short} sentences, fewer than the {world} processes: pick a "
                          f"--batch-size that leaves none or at least {world} over from {len(splits['train'])}")
     config.check_steps(math.ceil(len(splits["train"]) / config.batch_size))
-    own = f"-{Path(source.path).stem}" if source.own else ""
-    run_dir = Path(args.out or f"runs/{config.experiment}-{Path(model.encoder.name).name}{own}-s{config.seed}")
+    run_dir = Path(args.out or default_run_dir(config.experiment, model.encoder.name, source, config.seed))
     if not args.out:  # --out was checked before anything loaded
         check_run_dir(run_dir, args.resume, config, source)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -276,6 +276,12 @@ def load_model(run_dir):
 
 # ---- what train.py and evaluate.py write -------------------------------------------------------
 
+def default_run_dir(experiment, model, source, seed, variant=""):
+    """runs/<experiment>-<model>[-<file>][<variant>]-s<seed>: <file> names data of your own."""
+    own = f"-{Path(source.path).stem}" if source.own else ""
+    return Path(f"runs/{experiment}-{Path(model).name}{own}{variant}-s{seed}")
+
+
 def check_run_dir(run_dir, resume, config, source):
     """Never overwrite a run silently: its checkpoint could be hours of work. A finished run asked
     to resume is done (RunComplete) if it trained with `config` on `source`, and refused if not."""

@@ -4,6 +4,7 @@ API gives evaluate.py's numbers; every bad file or flag is refused in one line."
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,10 +79,12 @@ def test_massive_through_the_csv_path_trains_exactly_as_massive(massive_slice, t
     assert read_json(runs["csv"] / "model.json")["labels"] == read_json(runs["jsonl"] / "model.json")["labels"]
 
 
-def test_a_csv_of_new_labels_without_a_split_trains_and_evaluates(own_rows, tmp_path, capsys):
+def test_a_csv_of_new_labels_without_a_split_trains_and_evaluates(own_rows, tmp_path, capsys, monkeypatch):
     data = write_csv(tmp_path / "own.csv", ["sentence", "topic"], own_rows)
     flags = ["--data", str(data), "--text-column", "sentence", "--label-column", "topic"]
-    run = train.main([*TINY, *flags, "--epochs", "1", "--out", str(tmp_path / "run")])
+    monkeypatch.chdir(tmp_path)  # no --out: the run goes to its default folder, named after the file
+    run = train.main([*TINY, *flags, "--epochs", "1"])
+    assert run == Path("runs/baseline-tiny_odd-own-s0")
     results, meta = read_json(run / "results.json"), read_json(run / "model.json")
     assert meta["labels"] == sorted(RENAMED.values()) and meta["label_kind"] == "topic"
     sizes = results["data"]["sizes"]
