@@ -15,7 +15,8 @@ class WeightAverage:
 
     The first update copies the weights; the n+1-th moves the mean a 1/(n+1) step towards them:
     avg ← avg + (w - avg) / (n + 1). Frozen parameters equal their own mean and are left alone;
-    BERT keeps no buffers to copy."""
+    BERT keeps no buffers to copy. Under LoRA the factors are averaged each, as AveragedModel
+    averages peft's: the averaged update is mean(B)·mean(A), not the mean of the updates B·A."""
 
     def __init__(self, model):
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
