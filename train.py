@@ -233,7 +233,7 @@ def build_models(config, data, rank, world):
 def restore(run):
     """Continue from the checkpoint of the last completed epoch, or refuse if it was another run."""
     saved = checkpoint_state(run.checkpoint)
-    check_resumable(saved, run.config, run.precision, run.world, run.source, run.run_dir)
+    check_resumable(saved, run.config, run.precision, run.world, run.source, run.data, run.run_dir)
     stage1 = run.config.stage1_epochs
     run.start_epoch = saved["epoch"]
     # AdamW's moments carry over only within a stage: stage 2 starts with a fresh optimizer.

@@ -323,11 +323,17 @@ def check_same_source(recorded, source, run_dir):
                          "another --out")
 
 
-def check_resumable(saved, config, precision, world, source, run_dir):
-    """A checkpoint continues only the run that wrote it: the same hyperparameters, data, precision
-    and number of processes (a checkpoint without them predates them: MASSIVE, fp32, one process)."""
+def check_resumable(saved, config, precision, world, source, data, run_dir):
+    """A checkpoint continues only the run that wrote it: the same hyperparameters, data (the same
+    file and flags, and by `data`'s digest the same sentences in the same splits), precision and
+    number of processes (a checkpoint without them predates them: MASSIVE, fp32, one process)."""
     check_same_config(saved["config"], config.to_dict(), run_dir)
     check_same_source(saved.get("data"), source, run_dir)
+    then = (saved.get("data") or {}).get("sha256")
+    if then is not None and then != data["sha256"]:
+        raise ValueError(f"cannot resume {run_dir}: {source.path} no longer holds the sentences it started on, or "
+                         "splits them otherwise (their digest differs); restore the file, or train again with "
+                         "another --out")
     for what, now in (("precision", precision), ("processes", world)):
         then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
         if then != now:

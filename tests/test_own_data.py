@@ -265,6 +265,24 @@ def test_jsonl_of_your_own_reads_what_json_writes(tmp_path):
     assert sorted(e.text for e in data.train + data.dev + data.test) == sorted(t for t, _ in rows)
 
 
+def test_an_interrupted_run_is_not_resumed_on_an_edited_file(own_rows, tmp_path, capsys, monkeypatch):
+    """The same file name and flags, other sentences: the checkpoint's digest of the split refuses it."""
+    from tests.test_train import stop_after_first_epoch
+
+    data = write_csv(tmp_path / "own.csv", ["text", "label"], own_rows)
+    out = ["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "2"]
+    stop_after_first_epoch(monkeypatch)
+    with pytest.raises(SystemExit, match="interrupted"):
+        train.main([*TINY, *out])
+    monkeypatch.undo()
+    write_csv(data, ["text", "label"], [(text + " please", label) for text, label in own_rows])
+    line = one_line_exit(train.main, [*TINY, *out, "--resume"], capsys)
+    assert f"cannot resume {tmp_path / 'run'}: {data} no longer holds the sentences it started on" in line, line
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+    write_csv(data, ["text", "label"], own_rows)  # put back: the run goes on
+    assert train.main([*TINY, *out, "--resume"]) == tmp_path / "run"
+
+
 def test_a_run_folder_is_resumed_only_on_its_own_data(own_rows, tmp_path, capsys):
     first = write_csv(tmp_path / "first.csv", ["text", "label"], own_rows)
     second = write_csv(tmp_path / "second.csv", ["text", "label"], own_rows[::-1])
