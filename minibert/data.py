@@ -275,6 +275,16 @@ def source_from(args):
     """The parsed flags → a Source, or a ValueError that names the flag."""
     given = {f.name: getattr(args, f.name) for f in fields(Source) if "help" in f.metadata
              and getattr(args, f.name) is not None}
+    for name, value in [("data", args.data), *given.items()]:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"--{name.replace('_', '-')} {value!r}: empty; name a "
+                             + ("column" if name.endswith("column") else "file"))
+    roles = [(f"--{name.replace('_', '-')}", given.get(name, Source.__dataclass_fields__[name].default))
+             for name in ("text_column", "label_column", "split_column")]
+    for i, (flag, column) in enumerate(roles):
+        for other, same in roles[:i]:
+            if column is not None and column == same:
+                raise ValueError(f"{flag} {column}: the column {other} names already; give each its own column")
     source = Source(args.data, **given)
     flag = "--" + (next(iter(given), "").replace("_", "-"))
     if given and args.data is None:

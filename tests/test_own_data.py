@@ -216,6 +216,14 @@ def bad_case(tmp_path, name):
     elif name == "quote-at-the-end":
         path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in GOOD) + '"never closed,alarm\n')
         return ["--data", str(path)], f"{path}:22: unexpected end of data; a quote left open?"
+    elif name == "same-column-twice":
+        flags, expect = ["--label-column", "text"], "--label-column text: the column --text-column names already"
+    elif name == "split-column-is-the-label":
+        flags, expect = ["--split-column", "label"], "--split-column label: the column --label-column names already"
+    elif name == "empty-split-column":
+        flags, expect = ["--split-column", ""], "--split-column '': empty; name a column"
+    elif name == "empty-split-files":
+        flags, expect = ["--dev-data", "", "--test-data", ""], "--dev-data '': empty; name a file"
     elif name == "json-suffix":
         path = tmp_path / "data.json"
         path.write_text('{"text": "a", "label": "x"}\n')
@@ -241,7 +249,8 @@ def bad_case(tmp_path, name):
                                   "intents", "intent-labels", "jsonl-line", "column-without-data", "duplicate-header",
                                   "quoted-newline", "open-quote", "json-suffix", "seed-with-column",
                                   "contrastive-intents", "quote-then-text", "tsv-quote-then-text",
-                                  "quote-at-the-end"])
+                                  "quote-at-the-end", "same-column-twice", "split-column-is-the-label",
+                                  "empty-split-column", "empty-split-files"])
 def test_bad_own_data_is_one_line(name, tmp_path, capsys):
     flags, expect = bad_case(tmp_path, name)
     line = one_line_exit(train.main, [*TINY, *flags, "--out", str(tmp_path / "run")], capsys)
