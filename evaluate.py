@@ -196,12 +196,19 @@ def evaluate_run(args):
         return
     if args.weight_changes:
         return report_weight_changes(model, meta, Path(args.run_dir))
+    source = source_from(args)
+    if meta["label_kind"] not in ("scenario", "intent") and not source.own:
+        raise ValueError(f"{args.run_dir} was trained on data of your own (labels from its column "
+                         f"{meta['label_kind']!r}), not on MASSIVE: pass that --data, with the column and split flags "
+                         "it was trained with")
     if args.embeddings:
-        # MASSIVE's runs are measured by scenario whatever labels they trained on, so that every run compares.
-        data = load_data(source_from(args))
+        # MASSIVE's runs are measured by scenario whatever labels they trained on, so that every run compares;
+        # a run on data of your own, on the split it trained on.
+        data = load_data(source)
+        if source.own:
+            check_same_data(Path(args.run_dir), meta, source, data)
         analyse_embeddings(model, tokenizer, data, meta["max_len"], args.run_dir, Path(args.run_dir).name)
         return
-    source = source_from(args)
     data = load_data(source) if source.own else load_massive(source.path, labels=meta["label_kind"])
     check_same_data(Path(args.run_dir), meta, source, data)
     split = args.split or "test"

@@ -107,6 +107,18 @@ def test_a_csv_of_new_labels_without_a_split_trains_and_evaluates(own_rows, tmp_
     assert capsys.readouterr().out.strip().endswith(f"{labels[0]} ({probabilities[0].max():.3f})")
 
 
+def test_a_run_on_data_of_your_own_is_evaluated_on_that_data_only(own_rows, tmp_path, capsys):
+    """Without --data (MASSIVE), or on another split of the file, evaluate.py and --embeddings refuse."""
+    data = write_csv(tmp_path / "own.csv", ["sentence", "topic"], own_rows)
+    flags = ["--data", str(data), "--text-column", "sentence", "--label-column", "topic"]
+    run = train.main([*TINY, *flags, "--epochs", "1", "--out", str(tmp_path / "run"), "--no-test"])
+    for extra in ([], ["--embeddings"]):
+        line = one_line_exit(evaluate.main, [str(run), *extra], capsys)
+        assert "was trained on data of your own (labels from its column 'topic'), not on MASSIVE" in line, line
+        line = one_line_exit(evaluate.main, [str(run), *flags, "--split-seed", "1", *extra], capsys)
+        assert "splits other sentences into train, dev and test than the run's" in line, line
+
+
 def test_the_split_is_stratified_and_fixed_by_its_seed(own_rows, tmp_path):
     path = write_csv(tmp_path / "own.csv", ["text", "label"], own_rows)
     data = load_data(Source(str(path)))
