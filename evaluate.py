@@ -14,7 +14,7 @@ import torch
 
 from minibert.classifier import ScenarioClassifier
 from minibert.cli import Parser
-from minibert.data import add_data_flags, describe, encode, load_data, load_massive, source_from
+from minibert.data import add_data_flags, describe, encode, load_data, load_massive, same_source, source_from
 from minibert.representations import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
@@ -82,24 +82,29 @@ def parse_args(argv=None):
                 "--weight-changes run on the CPU)")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; pass a folder")
-    if args.out and (held := trained_run_files(Path(args.out))):
-        p.error(f"--out {args.out} holds a trained run ({', '.join(held)}), whose results.json the zero-shot record "
-                "would replace; pass a folder of its own")
     return args
 
 
-def trained_run_files(folder):
-    """What in `folder` belongs to a run other than a zero-shot one. A zero-shot record is rewritten
-    in place: it is the same for the same model, seed and data."""
+def check_zero_shot_folder(folder, config, source):
+    """A zero-shot record is rewritten in place only by the same one (model, seed, pooling, data),
+    which it equals: never over a trained run's files or another zero-shot record."""
     held = [name for name in ("checkpoint.safetensors", "model.safetensors") if (folder / name).exists()]
+    record = None
     if (folder / "results.json").exists():
         try:
-            experiment = read_json(folder / "results.json").get("experiment")
-        except (ValueError, AttributeError):
-            experiment = None
-        if experiment != "zeroshot":
+            record = read_json(folder / "results.json")
+        except ValueError:
+            pass
+        if not isinstance(record, dict) or record.get("experiment") != "zeroshot":
             held.append("results.json")
-    return held
+    if held:
+        raise ValueError(f"{folder} holds a trained run ({', '.join(held)}), whose results.json the zero-shot record "
+                         "would replace; pass --out a folder of its own")
+    if record is not None:
+        then = (record.get("model_requested"), record.get("seed"), (record.get("hyperparameters") or {}).get("pooling"))
+        if then != (config.model, config.seed, config.pooling) or not same_source(record.get("data"), source):
+            raise ValueError(f"{folder} holds the zero-shot record of another model, seed, pooling or data; pass --out "
+                             "a folder of its own, or delete that one")
 
 
 def report(split_name, logits, labels, names):
@@ -150,6 +155,8 @@ def zero_shot(args, argv):
     config = TrainConfig(experiment="zeroshot", model=args.model or "auto", seed=args.seed or 0, epochs=0,
                          pooling=args.pooling or "cls")
     source = source_from(args)
+    if args.out:
+        check_zero_shot_folder(Path(args.out), config, source)  # before anything loads
     data = load_data(source)
     torch.manual_seed(config.seed)
     encoder, tokenizer, _ = load_pretrained(config.model)
@@ -158,6 +165,8 @@ def zero_shot(args, argv):
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)
     pooled = "" if config.pooling == "cls" else f"-{config.pooling}"
     run_dir = Path(args.out) if args.out else default_run_dir("zeroshot", encoder.name, source, config.seed, pooled)
+    if not args.out:
+        check_zero_shot_folder(run_dir, config, source)
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.embeddings:
         analyse_embeddings(model, tokenizer, data, config.max_len, run_dir, f"pretrained {encoder.name}")
@@ -281,7 +290,8 @@ def read_sentences(path):
         raise ValueError(f"--predict-file {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--predict-file {path}: not UTF-8 text (byte {e.start + 1})") from None
-    sentences = [line.strip() for line in text.splitlines() if line.strip()]
+    # Lines end at \n (or \r\n) only: splitlines() would also cut a sentence at U+2028 or a form feed.
+    sentences = [line.strip() for line in text.split("\n") if line.strip()]
     if not sentences:
         raise ValueError(f"--predict-file {path}: no sentences; give one per line")
     return sentences

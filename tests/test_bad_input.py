@@ -153,6 +153,10 @@ CASES = [
      "holds a trained run (model.safetensors)"),
     ("zero-shot-onto-a-record", [*EVALUATE, "--zero-shot", "--out", "{tmp}/done"],
      {"done/results.json": '{"experiment": "baseline"}'}, {}, "holds a trained run (results.json)"),
+    ("zero-shot-onto-another-seed", [*EVALUATE, "--zero-shot", "--out", "{tmp}/zs"],
+     {"zs/results.json": json.dumps({"experiment": "zeroshot", "model_requested": "auto", "seed": 7,
+                                     "hyperparameters": {"pooling": "cls"}, "data": {"format": "massive"}})}, {},
+     "holds the zero-shot record of another model, seed, pooling or data"),
 ]
 
 
@@ -385,10 +389,15 @@ def test_predict_file_skips_blank_lines_and_refuses_a_blank_file(finished_run, t
     (tmp_path / "blank.txt").write_text("\n  \n\t\n")
     assert "blank.txt: no sentences; give one per line" in one_line_exit(
         evaluate.main, [str(finished_run), "--predict-file", str(tmp_path / "blank.txt")], capsys)
-    (tmp_path / "one.txt").write_text("\n  wake me up at seven \n\n")
+    (tmp_path / "one.txt").write_text("\n  wake me up at seven \r\n\n")
     evaluate.main([str(finished_run), "--predict-file", str(tmp_path / "one.txt")])
     label, probability, sentence = capsys.readouterr().out.strip().split("\t")
     assert label in ("alarm", "audio") and 0 < float(probability) <= 1 and sentence == "wake me up at seven"
+    # A line separator or a form feed inside a sentence does not cut it in two.
+    (tmp_path / "two.txt").write_text("wake me up\u2028at seven\nplay\x0cjazz\n", encoding="utf-8")
+    evaluate.main([str(finished_run), "--predict-file", str(tmp_path / "two.txt")])
+    assert [row.split("\t")[2] for row in capsys.readouterr().out.strip().split("\n")] == [
+        "wake me up\u2028at seven", "play\x0cjazz"]
 
 
 def test_a_warmup_longer_than_the_run_is_refused(tiny_model, small_massive, tmp_path):
