@@ -269,21 +269,26 @@ def write_compact(name_or_dir, dest):
     internet (all-MiniLM-L6-v2 becomes about 45 MB). The loader reads it back into fp32."""
     _, folder = resolve(name_or_dir)
     dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"--compact {dest}: {'a file' if not dest.is_dir() else 'not empty'}; pass a new or empty "
+                         "folder")
     try:
         with safe_open(folder / "model.safetensors", framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{folder / 'model.safetensors'}: not a readable safetensors file ({e})") from None
     half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    part = dest / "model.safetensors.part"
     try:
         dest.mkdir(parents=True, exist_ok=True)
         for extra in ("config.json", "vocab.txt", "tokenizer.json"):
             if (folder / extra).exists():
                 shutil.copyfile(folder / extra, dest / extra)
-        part = dest / "model.safetensors.part"
         save_file(half, part)
         os.replace(part, dest / "model.safetensors")
-    except OSError as e:
-        raise ValueError(f"--compact {dest}: cannot write there ({e.strerror}); pass a new or empty folder") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        part.unlink(missing_ok=True)
+        raise ValueError(f"--compact {dest}: cannot write there ({getattr(e, 'strerror', None) or e}); free space, "
+                         "or pass another new or empty folder") from None
     return dest
 

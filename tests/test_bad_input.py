@@ -132,6 +132,8 @@ CASES = [
      {"model/tokenizer.json": '{"version": "1.0", "trunc'}, {}, "tokenizer.json: not a readable"),
     ("compact-onto-a-file", [*MINIBERT, "weights", "{tmp}/model", "--compact", "{tmp}/model/vocab.txt"], {}, {},
      "--compact"),
+    ("compact-onto-a-full-folder", [*MINIBERT, "weights", "{tmp}/model", "--compact", "{tmp}/full"],
+     {"full/config.json": "{}"}, {}, "full: not empty; pass a new or empty folder"),
     ("minibert-usage", [*MINIBERT], {}, {}, "command"),
     # ---- evaluate.py: what RUN_DIR is, and flags that do not go with it ----
     ("run-is-a-file", [*EVALUATE, "{tmp}/model/config.json"], {}, {}, "config.json: a file"),

@@ -186,3 +186,18 @@ def test_compact_fp16_copy_loads_and_stays_close(tmp_path):
         b = half.eval()(io["input_ids"], io["attention_mask"], io["token_type_ids"])
     assert next(half.parameters()).dtype == torch.float32
     assert (a - b).abs().max() < 1e-2  # fp16 keeps ~3 decimal digits of each weight
+
+
+def test_compact_copy_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """safetensors reports a failed write (a full disk) as its own error, not an OSError."""
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, path):
+        path.write_bytes(b"\x00" * 100)  # what was written before the disk filled
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(weights, "save_file", full_disk)
+    with pytest.raises(ValueError, match="cannot write there .*No space left on device"):
+        weights.write_compact(str(TINY), tmp_path / "tiny-fp16")
+    assert not (tmp_path / "tiny-fp16" / "model.safetensors").exists()
+    assert not (tmp_path / "tiny-fp16" / "model.safetensors.part").exists()
