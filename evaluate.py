@@ -160,6 +160,9 @@ def zero_shot(args, argv):
     data = load_data(source)
     torch.manual_seed(config.seed)
     encoder, tokenizer, _ = load_pretrained(config.model)
+    if encoder.config.max_position_embeddings < config.max_len:
+        raise ValueError(f"{encoder.name}: {encoder.config.max_position_embeddings} positions, fewer than the "
+                         f"{config.max_len} word-pieces the zero-shot row reads; give a model with more")
     model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, pooling=config.pooling)
     test = encode(tokenizer, data.test, data.label_ids(data.test), config.max_len)
     result = report("test (zero-shot)", predict(model, test, torch.device("cpu")), test.labels, data.labels)

@@ -258,10 +258,15 @@ def load_pretrained(name_or_dir="auto", with_pooler=True):
     if not (folder / "model.safetensors").is_file():
         raise ValueError(f"{folder}: no model.safetensors; a model folder holds config.json, vocab.txt and "
                          "model.safetensors")
+    tokenizer = Tokenizer.from_folder(folder)
+    words = tokenizer.backend.get_vocab_size(with_added_tokens=True)
+    if words > config.vocab_size:  # an id past the embedding table fails only at the first sentence that has it
+        raise ValueError(f"{folder}: the tokenizer has {words} word-pieces, the config's vocab_size is "
+                         f"{config.vocab_size}; the vocabulary belongs to another model: replace it with this one's")
     model = BertModel(config, with_pooler=with_pooler)
     load_state(model, folder / "model.safetensors")
     model.name = name
-    return model, Tokenizer.from_folder(folder), config
+    return model, tokenizer, config
 
 
 def write_compact(name_or_dir, dest):
