@@ -160,7 +160,7 @@ def setup(args):
         check_run_dir(Path(args.out), args.resume, config, source)
     device = pick_device(args.device)
     rank, world, device = setup_distributed(device)  # under torchrun: one process per GPU or CPU share
-    precision = pick_precision(device, config.precision)
+    precision = pick_precision(device, config.precision, world)
     fast = pick_fast(device, args.fast, precision, world)
     compiled = pick_compile(device, args.compile, fast)
     autocast, scaler = autocast_and_scaler(device, precision, fast)

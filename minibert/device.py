@@ -84,12 +84,16 @@ def bf16_pays_off(device):
     return seconds(torch.bfloat16) < seconds(torch.float32)
 
 
-def pick_precision(device, name):
+def pick_precision(device, name, world=1):
     """→ the precision's name: fp32, bf16 or fp16. auto: bf16 autocast where the device runs bf16
-    natively and it pays off, fp32 elsewhere."""
+    natively and it pays off, fp32 elsewhere; under torchrun process 0 decides for all (a timing
+    may come out otherwise in another process, and replicas must train alike)."""
     if name != "auto":
         return name
-    return "bf16" if native_bf16(device) and bf16_pays_off(device) else "fp32"
+    chosen = ["bf16" if native_bf16(device) and bf16_pays_off(device) else "fp32"]
+    if world > 1:
+        dist.broadcast_object_list(chosen)  # process 0's
+    return chosen[0]
 
 
 def pick_fast(device, requested, precision, world):

@@ -337,8 +337,9 @@ def check_resumable(saved, config, precision, world, source, data, run_dir):
     for what, now in (("precision", precision), ("processes", world)):
         then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
         if then != now:
+            how = f"pass --precision {then}" if what == "precision" else f"start {then} processes"
             raise ValueError(f"cannot resume {run_dir}: it was trained with {what} {then}, not {now}; "
-                             f"resume it as it started, or train again with another --out")
+                             f"{how} to resume it as it started, or train again with another --out")
 
 
 def parameter_counts(model, probe=False):

@@ -207,7 +207,7 @@ def test_resume_with_other_precision_or_processes_is_refused(small_massive, mini
     # The same flags on a CPU where auto decides bf16: the run it resumes was fp32.
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(device, "bf16_pays_off", lambda device: True)
-    with pytest.raises(SystemExit, match="trained with precision fp32, not bf16"):
+    with pytest.raises(SystemExit, match="trained with precision fp32, not bf16; pass --precision fp32 to resume"):
         train.main(args(small_massive, tmp_path, "--resume"))
     monkeypatch.undo()
     from minibert.runs import checkpoint_state, load_tensors, save_tensors
@@ -284,6 +284,19 @@ def test_the_default_precision_is_bf16_where_the_cpu_runs_it(avx512_bf16, amx, f
     cpu = torch.device("cpu")
     assert device.pick_precision(cpu, "auto") == expected
     assert device.pick_precision(cpu, "fp32") == "fp32" and device.pick_precision(cpu, "bf16") == "bf16"
+
+
+def test_under_torchrun_process_0_decides_the_precision(monkeypatch):
+    """Process 1 finds bf16 slower here, process 0 faster: both train as process 0 decided."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(device, "bf16_pays_off", lambda device: False)  # this process's own timing
+
+    def from_process_0(objects):
+        objects[:] = ["bf16"]
+
+    monkeypatch.setattr(device.dist, "broadcast_object_list", from_process_0)
+    assert device.pick_precision(torch.device("cpu"), "auto", world=2) == "bf16"
+    assert device.pick_precision(torch.device("cpu"), "auto", world=1) == "fp32"
 
 
 def test_a_run_records_its_cpu_and_the_precision_it_chose(tiny_model, small_massive, tmp_path, monkeypatch):
