@@ -186,6 +186,18 @@ class TrainConfig:
         if self.contrastive_drop_rate != -1 and not self.stage1_epochs:
             raise ValueError(f"--contrastive-drop-rate {self.contrastive_drop_rate} without a contrastive stage: "
                              "pass --loss supcon or simclr and --contrastive-epochs, or drop it")
+        for enabler, on, names, what in [
+                ("--lora-r N", self.lora_r > 0, ("lora_alpha", "lora_dropout", "lora_targets"), "LoRA's"),
+                ("--swa", self.swa, ("swa_start", "swa_lr", "swa_anneal_epochs", "swa_anneal"), "SWA's"),
+                ("--loss supcon or simclr", self.loss != "ce", ("temperature",), "the contrastive loss's")]:
+            if not on:
+                for name in names:
+                    if getattr(self, name) != FIELDS[name].default:
+                        raise ValueError(f"{flag(name)} {getattr(self, name)}: {what} setting, and this run has none; "
+                                         f"pass {enabler}, or drop {flag(name)}")
+        if self.lora_r and self.stage2 == "probe" and not self.stage1_epochs:
+            raise ValueError(f"--lora-r {self.lora_r} with --stage2 probe: the probe freezes the encoder, so its "
+                             "adapters would never train; pass --lora-r 0, or --stage2 finetune")
         if world > 1 and self.stage1_epochs:
             raise ValueError(f"--loss {self.loss}: the contrastive stage runs in one process only (its negatives "
                              "would be split across processes); start a single process")

@@ -299,6 +299,12 @@ BAD_COMBINATIONS = [
     (["--layer-decay", "0.8", "--stage2", "probe"], "--layer-decay 0.8 with --stage2 probe"),
     (["--experiment", "supcon", "--simclr-negatives", "other-labels"], "--simclr-negatives other-labels with --loss "
                                                                        "supcon"),
+    (["--lora-alpha", "16"], "--lora-alpha 16.0: LoRA's setting, and this run has none; pass --lora-r N"),
+    (["--lora-targets", "query"], "--lora-targets query: LoRA's setting"),
+    (["--swa-lr", "0.001"], "--swa-lr 0.001: SWA's setting, and this run has none; pass --swa"),
+    (["--swa-anneal", "linear"], "--swa-anneal linear: SWA's setting"),
+    (["--temperature", "0.5"], "--temperature 0.5: the contrastive loss's setting"),
+    (["--experiment", "lora20", "--stage2", "probe"], "--lora-r 20 with --stage2 probe: the probe freezes"),
 ]
 # The lab's commands and evaluate.py: (main, argv, what the line says).
 BAD_LAB_NUMBERS = [
