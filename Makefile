@@ -26,7 +26,7 @@ weights: install
 
 # An fp16 copy of the model folder in weights/<model>-fp16, for a machine without internet.
 compact-weights: install
-	$(PY) -m minibert weights $(MODEL) --compact weights/$(MODEL)-fp16
+	test -f weights/$(MODEL)-fp16/model.safetensors || $(PY) -m minibert weights $(MODEL) --compact weights/$(MODEL)-fp16
 
 data: install
 	$(PY) -m minibert.data
@@ -63,27 +63,29 @@ $(EXPERIMENTS): install data
 SEEDS ?= 3
 JOBS  ?= 2
 PAPER_DIR = results/paper/$(MODEL)-e$(EPOCHS)
-# FLAGS reaches every run; a target's own flags come after it.
+# FLAGS reaches every run; a target's own flags come after it: $(call flags,--bucket). Single-quoted
+# for the shell, so that FLAGS may hold double quotes (a file name with spaces).
+flags = --flags='$(subst ','\'',$(strip $(FLAGS) $(1)))'
 SEEDS_RUN = $(PY) -m lab.paper --model $(MODEL) --epochs $(EPOCHS) --seeds $(SEEDS) --device $(DEVICE) --jobs $(JOBS)
 paper: install data
-	$(SEEDS_RUN) $(PAPER_DIR) --flags="$(FLAGS)"
+	$(SEEDS_RUN) $(PAPER_DIR) $(call flags)
 
 # `best` for SEEDS seeds.
 best-seeds: install data
-	$(SEEDS_RUN) results/best/$(MODEL)-e$(EPOCHS) --rows best --flags="$(FLAGS)"
+	$(SEEDS_RUN) results/best/$(MODEL)-e$(EPOCHS) --rows best $(call flags)
 # LoRA tuned on dev (lora20-tuned, lora30-tuned) for SEEDS seeds, beside the paper's LoRA rows.
 lora-seeds: install data
-	$(SEEDS_RUN) results/lora-tuned/$(MODEL)-e$(EPOCHS) --rows lora20-tuned lora30-tuned --flags="$(FLAGS)"
+	$(SEEDS_RUN) results/lora-tuned/$(MODEL)-e$(EPOCHS) --rows lora20-tuned lora30-tuned $(call flags)
 # The contrastive rows with SWA and cosine decay (the variant the paper's first author describes for
 # its SimCLR row) for SEEDS seeds, beside the paper's contrastive rows.
 variant-seeds: install data
-	$(SEEDS_RUN) results/authors/$(MODEL)-e$(EPOCHS) --rows simclr-swa-cosine supcon-swa-cosine --flags="$(FLAGS)"
+	$(SEEDS_RUN) results/authors/$(MODEL)-e$(EPOCHS) --rows simclr-swa-cosine supcon-swa-cosine $(call flags)
 # The bucketing question: baseline and best with batching flipped (baseline bucketed, best not),
 # then both arms of each, dev and test, against the paper's baseline and best-seeds' runs.
 BUCKETING = results/bucketing/$(MODEL)-e$(EPOCHS)
 bucketing: install data
-	$(SEEDS_RUN) $(BUCKETING)-bucketed --rows baseline --flags="$(FLAGS) --bucket"
-	$(SEEDS_RUN) $(BUCKETING)-unbucketed --rows best --flags="$(FLAGS) --no-bucket"
+	$(SEEDS_RUN) $(BUCKETING)-bucketed --rows baseline $(call flags,--bucket)
+	$(SEEDS_RUN) $(BUCKETING)-unbucketed --rows best $(call flags,--no-bucket)
 	$(PY) -m lab.report $(PAPER_DIR) results/best/$(MODEL)-e$(EPOCHS) $(BUCKETING)-bucketed \
 		$(BUCKETING)-unbucketed --by bucket --out $(BUCKETING).md
 
@@ -91,7 +93,7 @@ bucketing: install data
 # (worth running where the CPU or GPU runs bf16 natively; elsewhere bf16 is emulated and slow).
 precision: install data
 	for p in fp32 bf16; do $(SEEDS_RUN) results/precision/$(MODEL)-e2-$$p --epochs 2 \
-		--rows baseline best --flags="$(FLAGS) --precision=$$p" || exit 1; done
+		--rows baseline best $(call flags)" --precision=$$p" || exit 1; done
 	$(PY) -m lab.report results/precision/$(MODEL)-e2-fp32 results/precision/$(MODEL)-e2-bf16 --by precision \
 		--out results/precision/$(MODEL)-e2.md --readme README.md
 
@@ -106,7 +108,7 @@ TUNE_EPOCHS ?= 3
 CANDIDATES  ?=
 tune: install data
 	$(PY) -m lab.tune results/tune/$(MODEL)-$(BASE)-e$(TUNE_EPOCHS) --base $(BASE) --model $(MODEL) \
-		--epochs $(TUNE_EPOCHS) --device $(DEVICE) --jobs $(JOBS) --flags="$(FLAGS)" \
+		--epochs $(TUNE_EPOCHS) --device $(DEVICE) --jobs $(JOBS) $(call flags) \
 		$(if $(CANDIDATES),--candidates $(CANDIDATES))
 
 # Training and evaluation speed against transformers, side by side in one process.

@@ -18,7 +18,7 @@ from minibert.data import add_data_flags, describe, encode, load_data, load_mass
 from minibert.representations import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
-from minibert.experiments import CHOICES, MAX_SEED, TrainConfig
+from minibert.experiments import CHOICES, MAX_SEED, TrainConfig, as_recorded
 from minibert.fetch import DownloadError
 from minibert.predictor import TrainedRun
 from minibert.device import device_name, pick_device
@@ -89,22 +89,26 @@ def check_zero_shot_folder(folder, config, source):
     """A zero-shot record is rewritten in place only by the same one (model, seed, pooling, data),
     which it equals: never over a trained run's files or another zero-shot record."""
     held = [name for name in ("checkpoint.safetensors", "model.safetensors") if (folder / name).exists()]
-    record = None
-    if (folder / "results.json").exists():
-        try:
-            record = read_json(folder / "results.json")
-        except ValueError:
-            pass
-        if not isinstance(record, dict) or record.get("experiment") != "zeroshot":
-            held.append("results.json")
     if held:
-        raise ValueError(f"{folder} holds a trained run ({', '.join(held)}), whose results.json the zero-shot record "
+        raise ValueError(f"{folder} holds a trained run ({', '.join(held)}); pass --out a folder of its own")
+    if not (folder / "results.json").exists():
+        return
+    try:
+        record = read_json(folder / "results.json")
+    except ValueError as e:
+        raise ValueError(f"{e}; delete it, or pass --out another folder") from None
+    if not isinstance(record, dict) or record.get("experiment") != "zeroshot":
+        raise ValueError(f"{folder} holds the record of a trained run (results.json), which the zero-shot record "
                          "would replace; pass --out a folder of its own")
-    if record is not None:
-        then = (record.get("model_requested"), record.get("seed"), (record.get("hyperparameters") or {}).get("pooling"))
-        if then != (config.model, config.seed, config.pooling) or not same_source(record.get("data"), source):
-            raise ValueError(f"{folder} holds the zero-shot record of another model, seed, pooling or data; pass --out "
-                             "a folder of its own, or delete that one")
+    then = {"model": record.get("model_requested"), "seed": record.get("seed"),
+            "pooling": as_recorded(record.get("hyperparameters") or {})["pooling"]}
+    now = {"model": config.model, "seed": config.seed, "pooling": config.pooling}
+    differ = [f"{k} {then[k]!r}, not {now[k]!r}" for k in now if then[k] != now[k]]
+    if not same_source(record.get("data"), source):
+        differ.append(f"data {record.get('data') or {'format': 'massive'}}")
+    if differ:
+        raise ValueError(f"{folder} holds another zero-shot record ({'; '.join(differ)}); pass --out a folder of "
+                         "its own, or delete that one")
 
 
 def report(split_name, logits, labels, names):

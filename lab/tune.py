@@ -20,7 +20,7 @@ from pathlib import Path
 
 from minibert.cli import Parser
 from minibert.evaluation import accuracy_interval
-from minibert.experiments import MAX_SEED, PRESETS, as_recorded, flag
+from minibert.experiments import MAX_SEED, PRESETS, add_config_flags, as_recorded, config_from, flag
 from minibert.fetch import DownloadError
 from lab.paper import run_all
 from minibert.weights import resolve
@@ -98,6 +98,20 @@ def commands(folder, model, epochs, seed, device, candidates, base="search", fla
     return todo
 
 
+def check_flags(flags, base):
+    """--flags carries settings of the run (--precision, --fast, --device), never of the recipe: a
+    candidate is its levers on the base preset, and the ranking holds each record to that."""
+    parser = Parser(prog="python -m lab.tune --flags", add_help=False)
+    add_config_flags(parser)
+    given, _ = parser.parse_known_args(["--experiment", base, *flags])
+    recipe, preset = config_from(given).to_dict(), PRESETS[base].to_dict()
+    changed = [k for k in recipe if k != "precision" and recipe[k] != preset[k]]
+    if changed:
+        raise ValueError(f"--flags {shlex.join(flags)}: sets {flag(changed[0])}, a setting of the recipe; a search "
+                         "changes the recipe through its candidates' levers (--candidates), its flags only how the "
+                         "runs run (--precision, --fast)")
+
+
 def ranking(folder, base, epochs):
     """The finished candidates of `folder`, best dev accuracy first. A record that saw the test
     split, or was trained with other settings than its name says, stops the ranking."""
@@ -165,6 +179,7 @@ def main(argv=None):
     if not 0 <= args.seed <= MAX_SEED:
         p.error(f"--seed {args.seed}: must be a whole number from 0 to {MAX_SEED}")
     try:
+        check_flags(shlex.split(args.flags), args.base)
         model, _ = resolve(args.model)  # decided once, so that every candidate trains the same model
         todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates, args.base,
                         shlex.split(args.flags))

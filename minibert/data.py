@@ -279,12 +279,6 @@ def source_from(args):
         if isinstance(value, str) and not value.strip():
             raise ValueError(f"--{name.replace('_', '-')} {value!r}: empty; name a "
                              + ("column" if name.endswith("column") else "file"))
-    roles = [(f"--{name.replace('_', '-')}", given.get(name, Source.__dataclass_fields__[name].default))
-             for name in ("text_column", "label_column", "split_column")]
-    for i, (flag, column) in enumerate(roles):
-        for other, same in roles[:i]:
-            if column is not None and column == same:
-                raise ValueError(f"{flag} {column}: the column {other} names already; give each its own column")
     source = Source(args.data, **given)
     flag = "--" + (next(iter(given), "").replace("_", "-"))
     if given and args.data is None:
@@ -292,6 +286,13 @@ def source_from(args):
     if given and not source.own:
         raise ValueError(f"{flag} with --data {args.data}, a MASSIVE file: its columns and splits are fixed; "
                          "drop the option")
+    roles = [f"--{name.replace('_', '-')} {getattr(source, name)}" + ("" if name in given else " (its default)")
+             for name in ("text_column", "label_column", "split_column")]
+    columns = [source.text_column, source.label_column, source.split_column]
+    for i in range(3):
+        for j in range(i):
+            if columns[i] is not None and columns[i] == columns[j]:
+                raise ValueError(f"{roles[j]} and {roles[i]} name the same column; give each its own column")
     if source.own and Path(source.path).suffix.lower() not in SUFFIXES:
         raise ValueError(f"--data {source.path}: name the file .csv, .tsv or .jsonl, after what it holds")
     random = changed(source, RANDOM_SPLIT)

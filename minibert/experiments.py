@@ -192,9 +192,14 @@ class TrainConfig:
                 ("--loss supcon or simclr", self.loss != "ce", ("temperature",), "the contrastive loss's")]:
             if not on:
                 for name in names:
-                    if getattr(self, name) != FIELDS[name].default:
-                        raise ValueError(f"{flag(name)} {getattr(self, name)}: {what} setting, and this run has none; "
-                                         f"pass {enabler}, or drop {flag(name)}")
+                    value = getattr(self, name)
+                    if value != FIELDS[name].default:
+                        preset = PRESETS.get(self.experiment)
+                        if preset and getattr(preset, name) == value:  # the preset's, not a flag
+                            raise ValueError(f"{flag(name)} {value} (from --experiment {self.experiment}): {what} "
+                                             f"setting, and this run has none; pass {enabler}, or another --experiment")
+                        raise ValueError(f"{flag(name)} {value}: {what} setting, and this run has none; pass "
+                                         f"{enabler}, or drop {flag(name)}")
         if self.lora_r and self.stage2 == "probe" and not self.stage1_epochs:
             raise ValueError(f"--lora-r {self.lora_r} with --stage2 probe: the probe freezes the encoder, so its "
                              "adapters would never train; pass --lora-r 0, or --stage2 finetune")

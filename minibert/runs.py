@@ -331,9 +331,9 @@ def check_resumable(saved, config, precision, world, source, data, run_dir):
     check_same_source(saved.get("data"), source, run_dir)
     then = (saved.get("data") or {}).get("sha256")
     if then is not None and then != data["sha256"]:
-        raise ValueError(f"cannot resume {run_dir}: {source.path} no longer holds the sentences it started on, or "
-                         "splits them otherwise (their digest differs); restore the file, or train again with "
-                         "another --out")
+        raise ValueError(f"cannot resume {run_dir}: {source.path or 'the MASSIVE file'} no longer holds the sentences "
+                         "it started on, or splits them otherwise (their digest differs); restore the file, or train "
+                         "again with another --out")
     for what, now in (("precision", precision), ("processes", world)):
         then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
         if then != now:

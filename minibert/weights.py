@@ -283,17 +283,18 @@ def write_compact(name_or_dir, dest):
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{folder / 'model.safetensors'}: not a readable safetensors file ({e})") from None
     half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    part = dest / "model.safetensors.part"
+    part = dest.with_name(dest.name + ".part")  # the copy is written whole beside DIR, then renamed onto it
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(part, ignore_errors=True)  # a failed attempt's
+        part.mkdir(parents=True)
         for extra in ("config.json", "vocab.txt", "tokenizer.json"):
             if (folder / extra).exists():
-                shutil.copyfile(folder / extra, dest / extra)
-        save_file(half, part)
-        os.replace(part, dest / "model.safetensors")
+                shutil.copyfile(folder / extra, part / extra)
+        save_file(half, part / "model.safetensors")
+        os.replace(part, dest)  # onto nothing, or onto an empty folder
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
-        part.unlink(missing_ok=True)
-        raise ValueError(f"--compact {dest}: cannot write there ({getattr(e, 'strerror', None) or e}); free space, "
-                         "or pass another new or empty folder") from None
+        shutil.rmtree(part, ignore_errors=True)
+        raise ValueError(f"--compact {dest}: cannot write there ({getattr(e, 'strerror', None) or e}); free space "
+                         "and run it again, or pass another new or empty folder") from None
     return dest
 

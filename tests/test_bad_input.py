@@ -157,13 +157,15 @@ CASES = [
     ("zero-shot-out-file", [*EVALUATE, "--zero-shot", "--out", "{tmp}/model/vocab.txt"], {}, {}, "--out"),
     ("neither", [*EVALUATE], {}, {}, "give either RUN_DIR or --zero-shot"),
     ("zero-shot-onto-a-run", [*EVALUATE, "--zero-shot", "--out", "{run}"], {}, {},
-     "holds a trained run (model.safetensors)"),
+     "holds a trained run (model.safetensors); pass --out a folder of its own"),
     ("zero-shot-onto-a-record", [*EVALUATE, "--zero-shot", "--out", "{tmp}/done"],
-     {"done/results.json": '{"experiment": "baseline"}'}, {}, "holds a trained run (results.json)"),
+     {"done/results.json": '{"experiment": "baseline"}'}, {}, "holds the record of a trained run (results.json)"),
     ("zero-shot-onto-another-seed", [*EVALUATE, "--zero-shot", "--out", "{tmp}/zs"],
      {"zs/results.json": json.dumps({"experiment": "zeroshot", "model_requested": "auto", "seed": 7,
                                      "hyperparameters": {"pooling": "cls"}, "data": {"format": "massive"}})}, {},
-     "holds the zero-shot record of another model, seed, pooling or data"),
+     "holds another zero-shot record (seed 7, not 0)"),
+    ("zero-shot-onto-a-damaged-record", [*EVALUATE, "--zero-shot", "--out", "{tmp}/zs"],
+     {"zs/results.json": '{"experiment": "zero'}, {}, "results.json: not valid JSON"),
 ]
 
 
@@ -305,6 +307,7 @@ BAD_COMBINATIONS = [
     (["--swa-anneal", "linear"], "--swa-anneal linear: SWA's setting"),
     (["--temperature", "0.5"], "--temperature 0.5: the contrastive loss's setting"),
     (["--experiment", "lora20", "--stage2", "probe"], "--lora-r 20 with --stage2 probe: the probe freezes"),
+    (["--experiment", "lora20-tuned", "--lora-r", "0"], "--lora-alpha 40.0 (from --experiment lora20-tuned): LoRA's"),
 ]
 # The lab's commands and evaluate.py: (main, argv, what the line says).
 BAD_LAB_NUMBERS = [

@@ -229,9 +229,10 @@ def bad_case(tmp_path, name):
         path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in GOOD) + '"never closed,alarm\n')
         return ["--data", str(path)], f"{path}:22: unexpected end of data; a quote left open?"
     elif name == "same-column-twice":
-        flags, expect = ["--label-column", "text"], "--label-column text: the column --text-column names already"
+        flags, expect = ["--label-column", "text"], ("--text-column text (its default) and --label-column text name "
+                                                      "the same column")
     elif name == "split-column-is-the-label":
-        flags, expect = ["--split-column", "label"], "--split-column label: the column --label-column names already"
+        flags, expect = ["--split-column", "label"], "--label-column label (its default) and --split-column label"
     elif name == "empty-split-column":
         flags, expect = ["--split-column", ""], "--split-column '': empty; name a column"
     elif name == "empty-split-files":

@@ -178,7 +178,10 @@ def test_zero_shot_lands_near_chance(small_massive, minilm_dir, tmp_path):
     # Binomial(48, 1/18), mean 2.7, and P(count ≤ 8) = 0.9988 (a one-sided 99.9 % bound; the
     # lower end of the two-sided interval is 0, with P(count = 0) = 0.064).
     assert right <= 8
-    # Run again into its own folder, as `make paper` does: the record is rewritten, the same.
+    # Run again into its own folder, as `make paper` does: the record is rewritten, the same; also
+    # a record older than --pooling, which ran [CLS] pooling without recording it.
+    older = {**results, "hyperparameters": {k: v for k, v in recipe.items() if k != "pooling"}}
+    (tmp_path / "results.json").write_text(json.dumps(older))
     evaluate.main(["--zero-shot", "--model", "all-MiniLM-L6-v2", "--data", str(small_massive), "--out", str(tmp_path)])
     assert read_json(tmp_path / "results.json")["test"] == results["test"]
 
@@ -686,6 +689,17 @@ def test_search_never_sees_the_test_split(tmp_path, capsys):
     (tmp_path / "base-s0" / "results.json").write_text(json.dumps({**record, "test": {"accuracy": 0.9}}))
     with pytest.raises(ValueError, match="evaluated on the test split"):
         ranking(tmp_path, "search", 3)
+
+
+def test_a_search_refuses_flags_that_change_the_recipe_before_it_trains():
+    """Its flags say how the runs run; a recipe flag would fail the ranking after every run."""
+    from lab.tune import check_flags
+
+    check_flags(["--precision", "fp32", "--no-fast", "--device", "cpu"], "search")
+    check_flags(["--no-bucket"], "lora20")  # lora20's own setting: nothing changes
+    for flags in (["--bucket"], ["--lr=1e-3"], ["--epochs", "5"]):
+        with pytest.raises(ValueError, match="a setting of the recipe"):
+            check_flags(flags, "lora20")
 
 
 def test_paper_plan_runs_seed_zero_of_every_row_first(tmp_path, capsys):

@@ -189,15 +189,19 @@ def test_compact_fp16_copy_loads_and_stays_close(tmp_path):
 
 
 def test_compact_copy_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
-    """safetensors reports a failed write (a full disk) as its own error, not an OSError."""
+    """safetensors reports a failed write (a full disk) as its own error, not an OSError; nothing
+    of the copy is left, so the same command runs again once there is room."""
     from safetensors import SafetensorError
 
     def full_disk(tensors, path):
         path.write_bytes(b"\x00" * 100)  # what was written before the disk filled
         raise SafetensorError("Error while serializing: IoError(No space left on device)")
 
+    real = weights.save_file
     monkeypatch.setattr(weights, "save_file", full_disk)
-    with pytest.raises(ValueError, match="cannot write there .*No space left on device"):
+    with pytest.raises(ValueError, match="cannot write there .*No space left on device.*run it again"):
         weights.write_compact(str(TINY), tmp_path / "tiny-fp16")
-    assert not (tmp_path / "tiny-fp16" / "model.safetensors").exists()
-    assert not (tmp_path / "tiny-fp16" / "model.safetensors.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(weights, "save_file", real)
+    dest = weights.write_compact(str(TINY), tmp_path / "tiny-fp16")
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
