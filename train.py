@@ -454,8 +454,8 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
     row.update(train_seconds=train_seconds, samples_per_second=len(run.splits["train"]) / train_seconds,
                wall_seconds=train_seconds + time.perf_counter() - started)
     run.history.append(row)
-    run.log(f"epoch {epoch + 1} ({row['stage']}): " + " ".join(
-        f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_l", "train_a", "dev_", "test_"))), flush=True)
+    figures = [k for k in row if k.startswith(("train_loss", "train_accuracy", "dev_", "test_"))]  # not the clock
+    run.log(f"epoch {epoch + 1} ({row['stage']}): " + " ".join(f"{k} {row[k]:.4f}" for k in figures), flush=True)
     if run.main_process:  # replicas are identical: one process writes
         write_jsonl(run.run_dir / "metrics.jsonl", run.history)
         state = {"epoch": epoch + 1, "step": run.step, "history": run.history, "config": config.to_dict(),
