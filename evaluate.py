@@ -14,7 +14,7 @@ import torch
 
 from minibert.classifier import ScenarioClassifier
 from minibert.cli import Parser
-from minibert.data import add_data_flags, describe, encode, load_data, load_massive, same_source, source_from
+from minibert.data import add_data_flags, describe, encode, load_data, same_source, source_from
 from minibert.representations import alignment, embed, knn_accuracy, pca_2d, plot, uniformity
 from minibert.evaluation import (accuracy_interval, confused_pairs, confusion_matrix, label_metrics, metrics,
                                  per_label_accuracy, plot_confusion, predict, weight_changes)
@@ -22,7 +22,7 @@ from minibert.experiments import CHOICES, MAX_SEED, TrainConfig, as_recorded
 from minibert.fetch import DownloadError
 from minibert.predictor import TrainedRun
 from minibert.device import device_name, pick_device
-from minibert.runs import default_run_dir, load_model, read_json, write_csv, write_json, write_results
+from minibert.runs import default_run_dir, load_model, read_json, run_data, write_csv, write_json, write_results
 from minibert.weights import load_pretrained
 
 
@@ -213,20 +213,14 @@ def evaluate_run(args):
     if args.weight_changes:
         return report_weight_changes(model, meta, Path(args.run_dir))
     source = source_from(args)
-    if meta["label_kind"] not in ("scenario", "intent") and not source.own:
-        raise ValueError(f"{args.run_dir} was trained on data of your own (labels from its column "
-                         f"{meta['label_kind']!r}), not on MASSIVE: pass that --data, with the column and split flags "
-                         "it was trained with")
     if args.embeddings:
         # MASSIVE's runs are measured by scenario whatever labels they trained on, so that every run compares;
         # a run on data of your own, on the split it trained on.
-        data = load_data(source)
-        if source.own:
-            check_same_data(Path(args.run_dir), meta, source, data)
+        own_run = meta["label_kind"] not in ("scenario", "intent")
+        data = run_data(args.run_dir, meta, source) if source.own or own_run else load_data(source)
         analyse_embeddings(model, tokenizer, data, meta["max_len"], args.run_dir, Path(args.run_dir).name)
         return
-    data = load_data(source) if source.own else load_massive(source.path, labels=meta["label_kind"])
-    check_same_data(Path(args.run_dir), meta, source, data)
+    data = run_data(args.run_dir, meta, source)
     split = args.split or "test"
     examples = data.split(split)
     encoded = encode(tokenizer, examples, data.label_ids(examples), meta["max_len"])
@@ -236,22 +230,6 @@ def evaluate_run(args):
     write_json(run_dir / f"eval-{split}.json", {"model": meta["model"], "device": device_name(device), **result})
     print(f"wrote {run_dir / f'eval-{split}.json'}")
     write_split_records(run_dir, split, examples, logits, encoded.labels, data.labels)
-
-
-def check_same_data(run_dir, meta, source, data):
-    """The run's labels, and where the run recorded which sentence went to which split (results.json),
-    the very same split: another file or split seed would mix its training sentences into test."""
-    recorded = read_json(run_dir / "results.json").get("data") if (run_dir / "results.json").exists() else None
-    trained_on = f"it was trained on {recorded['file']}" if recorded and "file" in recorded else \
-        "it was trained on MASSIVE"
-    if list(data.labels) != meta["labels"]:
-        raise ValueError(f"the run's {len(meta['labels'])} labels do not match the data's {len(data.labels)} "
-                         f"{meta['label_kind']} labels; {trained_on}: pass that --data, with the column and split "
-                         "flags it was trained with")
-    if recorded and "sha256" in recorded and recorded["sha256"] != describe(source, data)["sha256"]:
-        raise ValueError(f"{run_dir}: the data splits other sentences into train, dev and test than the run's "
-                         f"({recorded.get('split', 'MASSIVE')}); {trained_on}: pass that --data, with the column "
-                         "and split flags it was trained with")
 
 
 def write_split_records(run_dir, split, examples, logits, labels, names):

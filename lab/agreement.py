@@ -1,6 +1,7 @@
 """Do runs of one recipe make the same mistakes? Per-run accuracy, the ensemble, the shared errors.
 
     python -m lab.agreement results/best/all-MiniLM-L6-v2-e10/best-s* --split dev [--show 20]
+    python -m lab.agreement runs/best-all-MiniLM-L6-v2-reviews-s* --data reviews.csv [its column flags]
 
 Each run classifies the split. Printed: each run's accuracy; the ensemble that averages their
 probabilities, and the majority vote; how many sentences exactly k of the n runs get wrong. When
@@ -15,17 +16,17 @@ import sys
 import torch
 
 from minibert.cli import Parser
-from minibert.data import encode, load_massive
+from minibert.data import add_data_flags, encode, source_from
 from minibert.evaluation import accuracy_interval, predict
 from minibert.fetch import DownloadError
-from minibert.runs import load_model, write_json
+from minibert.runs import load_model, run_data, write_json
 
 
 def parse_args(argv=None):
     p = Parser(prog="python -m lab.agreement", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by train.py (two or more)")
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="the split to classify (default dev)")
-    p.add_argument("--data", default=None, help="MASSIVE en-US.jsonl (default: $MASSIVE_JSONL or data/massive/)")
+    add_data_flags(p)  # the runs' data: MASSIVE, or the file of your own they trained on, with its flags
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="print N sentences (a fixed random sample) that every run gets wrong, with the gold label "
                         "and the first run's")
@@ -76,15 +77,14 @@ def main(argv=None):
 
 
 def run(args):
-    metas, probabilities, data = [], [], None
+    metas, probabilities, source = [], [], source_from(args)
     for run_dir in args.run_dirs:
         model, tokenizer, meta = load_model(run_dir)
         if metas and (meta["label_kind"], meta["labels"]) != (metas[0]["label_kind"], metas[0]["labels"]):
             raise ValueError(f"{run_dir} predicts other labels ({meta['label_kind']}) than {args.run_dirs[0]} "
                              f"({metas[0]['label_kind']}); compare runs of one label set")
-        if data is None:
-            data = load_massive(args.data, labels=meta["label_kind"])
-            examples = data.split(args.split)
+        data = run_data(run_dir, meta, source)  # each run checked against the data, as evaluate.py does
+        examples = data.split(args.split)
         encoded = encode(tokenizer, examples, data.label_ids(examples), meta["max_len"])
         probabilities.append(predict(model, encoded, torch.device("cpu")).softmax(-1))
         metas.append(meta)

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import ScenarioClassifier
-from .data import same_source
+from .data import describe, load_data, load_massive, same_source
 from .device import device_name, native_bf16, peak_memory
 from .experiments import CHOICES, as_recorded
 from .lora import apply_lora
@@ -280,6 +280,30 @@ def default_run_dir(experiment, model, source, seed, variant=""):
     """runs/<experiment>-<model>[-<file>][<variant>]-s<seed>: <file> names data of your own."""
     own = f"-{Path(source.path).stem}" if source.own else ""
     return Path(f"runs/{experiment}-{Path(model).name}{own}{variant}-s{seed}")
+
+
+def run_data(run_dir, meta, source):
+    """The data a trained run is evaluated on, checked to be what it trained on: MASSIVE under the
+    run's labels (scenario or intent), or its file of your own, split as it was (results.json
+    records which sentence went where: another file or split seed would mix training sentences
+    into test)."""
+    if meta["label_kind"] not in ("scenario", "intent") and not source.own:
+        raise ValueError(f"{run_dir} was trained on data of your own (labels from its column {meta['label_kind']!r}), "
+                         "not on MASSIVE: pass that --data, with the column and split flags it was trained with")
+    data = load_data(source) if source.own else load_massive(source.path, labels=meta["label_kind"])
+    results = Path(run_dir) / "results.json"
+    recorded = read_json(results).get("data") if results.exists() else None
+    trained_on = f"it was trained on {recorded['file']}" if recorded and "file" in recorded else \
+        "it was trained on MASSIVE"
+    if list(data.labels) != meta["labels"]:
+        raise ValueError(f"the run's {len(meta['labels'])} labels do not match the data's {len(data.labels)} "
+                         f"{meta['label_kind']} labels; {trained_on}: pass that --data, with the column and split "
+                         "flags it was trained with")
+    if recorded and "sha256" in recorded and recorded["sha256"] != describe(source, data)["sha256"]:
+        raise ValueError(f"{run_dir}: the data splits other sentences into train, dev and test than the run's "
+                         f"({recorded.get('split', 'MASSIVE')}); {trained_on}: pass that --data, with the column "
+                         "and split flags it was trained with")
+    return data
 
 
 def check_run_dir(run_dir, resume, config, source):

@@ -12,6 +12,7 @@ import torch
 import evaluate
 import minibert
 import train
+from lab import agreement
 from minibert.data import Source, load_data
 from minibert.runs import read_json
 from tests import cases
@@ -117,6 +118,13 @@ def test_a_run_on_data_of_your_own_is_evaluated_on_that_data_only(own_rows, tmp_
         assert "was trained on data of your own (labels from its column 'topic'), not on MASSIVE" in line, line
         line = one_line_exit(evaluate.main, [str(run), *flags, "--split-seed", "1", *extra], capsys)
         assert "splits other sentences into train, dev and test than the run's" in line, line
+    # The lab's agreement reads the runs' own data too, under the same checks.
+    twin = train.main([*TINY, *flags, "--epochs", "1", "--seed", "1", "--out", str(tmp_path / "twin"), "--no-test"])
+    out = tmp_path / "agreement.json"
+    agreement.main([str(run), str(twin), *flags, "--split", "dev", "--out", str(out)])
+    assert read_json(out)["n"] == read_json(run / "results.json")["data"]["sizes"]["dev"]
+    line = one_line_exit(agreement.main, [str(run), str(twin)], capsys)
+    assert "was trained on data of your own (labels from its column 'topic'), not on MASSIVE" in line, line
 
 
 def test_the_split_is_stratified_and_fixed_by_its_seed(own_rows, tmp_path):
