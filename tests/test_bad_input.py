@@ -258,7 +258,7 @@ def nothing_loads(monkeypatch):
         raise AssertionError("got as far as loading data, weights or a run")
 
     for module, names in [(train, ["load_data", "read_config", "load_pretrained"]),
-                          (evaluate, ["load_data", "load_massive", "load_pretrained", "load_model"]),
+                          (evaluate, ["load_data", "run_data", "load_pretrained", "load_model"]),
                           (paper, ["resolve", "run_all"]), (tune, ["resolve", "run_all"])]:
         for name in names:
             monkeypatch.setattr(module, name, loads)
