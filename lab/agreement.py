@@ -19,7 +19,7 @@ from minibert.cli import Parser
 from minibert.data import add_data_flags, encode, source_from
 from minibert.evaluation import accuracy_interval, predict
 from minibert.fetch import DownloadError
-from minibert.runs import load_model, run_data, write_json
+from minibert.runs import check_run_data, load_model, run_data, write_json
 
 
 def parse_args(argv=None):
@@ -77,14 +77,17 @@ def main(argv=None):
 
 
 def run(args):
-    metas, probabilities, source = [], [], source_from(args)
+    metas, probabilities, source, data = [], [], source_from(args), None
     for run_dir in args.run_dirs:
         model, tokenizer, meta = load_model(run_dir)
         if metas and (meta["label_kind"], meta["labels"]) != (metas[0]["label_kind"], metas[0]["labels"]):
             raise ValueError(f"{run_dir} predicts other labels ({meta['label_kind']}) than {args.run_dirs[0]} "
                              f"({metas[0]['label_kind']}); compare runs of one label set")
-        data = run_data(run_dir, meta, source)  # each run checked against the data, as evaluate.py does
-        examples = data.split(args.split)
+        if data is None:  # loaded once; each run checked against it, as evaluate.py checks one
+            data = run_data(run_dir, meta, source)
+            examples = data.split(args.split)
+        else:
+            check_run_data(run_dir, meta, source, data)
         encoded = encode(tokenizer, examples, data.label_ids(examples), meta["max_len"])
         probabilities.append(predict(model, encoded, torch.device("cpu")).softmax(-1))
         metas.append(meta)

@@ -291,6 +291,12 @@ def run_data(run_dir, meta, source):
         raise ValueError(f"{run_dir} was trained on data of your own (labels from its column {meta['label_kind']!r}), "
                          "not on MASSIVE: pass that --data, with the column and split flags it was trained with")
     data = load_data(source) if source.own else load_massive(source.path, labels=meta["label_kind"])
+    check_run_data(run_dir, meta, source, data)
+    return data
+
+
+def check_run_data(run_dir, meta, source, data):
+    """Refuse `data` unless it has the run's labels and, where results.json recorded it, its split."""
     results = Path(run_dir) / "results.json"
     recorded = read_json(results).get("data") if results.exists() else None
     trained_on = f"it was trained on {recorded['file']}" if recorded and "file" in recorded else \
@@ -303,7 +309,6 @@ def run_data(run_dir, meta, source):
         raise ValueError(f"{run_dir}: the data splits other sentences into train, dev and test than the run's "
                          f"({recorded.get('split', 'MASSIVE')}); {trained_on}: pass that --data, with the column "
                          "and split flags it was trained with")
-    return data
 
 
 def check_run_dir(run_dir, resume, config, source):
