@@ -99,7 +99,7 @@ precision: install data
 
 # The README's results section, regenerated from the committed records.
 readme-results: install
-	$(PY) -m lab.report $(PAPER_DIR) --readme README.md
+	$(PY) -m lab.report results/paper/all-MiniLM-L6-v2-e10 --readme README.md
 
 # Choose the `best` preset on the dev split alone (the test split is never evaluated): every
 # lever alone on BASE at TUNE_EPOCHS, or CANDIDATES="base swa supervise-both+swa" (levers joined by +).

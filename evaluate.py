@@ -22,7 +22,8 @@ from minibert.experiments import CHOICES, MAX_SEED, TrainConfig, as_recorded
 from minibert.fetch import DownloadError
 from minibert.predictor import TrainedRun
 from minibert.device import device_name, pick_device
-from minibert.runs import default_run_dir, load_model, read_json, run_data, write_csv, write_json, write_results
+from minibert.runs import (check_out, default_run_dir, load_model, read_results, run_data, write_csv, write_json,
+                           write_results)
 from minibert.weights import load_pretrained
 
 
@@ -85,19 +86,25 @@ def parse_args(argv=None):
     return args
 
 
+# What a zero-shot run writes before its results.json, and train.log, its output where lab.paper sends it.
+ZERO_SHOT_STARTED = ("embeddings.json", "embeddings-pca.png", "train.log")
+
+
 def check_zero_shot_folder(folder, config, source):
     """A zero-shot record is rewritten in place only by the same one (model, seed, pooling, data),
-    which it equals: never over a trained run's files or another zero-shot record."""
+    which it equals: never over a trained run's files, another zero-shot record, or anything else
+    the zero-shot run did not write."""
     held = [name for name in ("checkpoint.safetensors", "model.safetensors") if (folder / name).exists()]
     if held:
         raise ValueError(f"{folder} holds a trained run ({', '.join(held)}); pass --out a folder of its own")
     if not (folder / "results.json").exists():
+        check_out(folder, "pass --out a folder of its own", own=lambda entry: entry.name in ZERO_SHOT_STARTED)
         return
     try:
-        record = read_json(folder / "results.json")
+        record = read_results(folder / "results.json", fix="the file is damaged")
     except ValueError as e:
         raise ValueError(f"{e}; delete it, or pass --out another folder") from None
-    if not isinstance(record, dict) or record.get("experiment") != "zeroshot":
+    if record.get("experiment") != "zeroshot":
         raise ValueError(f"{folder} holds the record of a trained run (results.json), which the zero-shot record "
                          "would replace; pass --out a folder of its own")
     then = {"model": record.get("model_requested"), "seed": record.get("seed"),
@@ -275,6 +282,7 @@ def read_sentences(path):
         raise ValueError(f"--predict-file {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--predict-file {path}: not UTF-8 text (byte {e.start + 1})") from None
+    text = text.removeprefix("\ufeff")  # the byte-order mark some editors begin a UTF-8 file with
     # Lines end at \n (or \r\n) only: splitlines() would also cut a sentence at U+2028 or a form feed.
     sentences = [line.strip() for line in text.split("\n") if line.strip()]
     if not sentences:

@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.cli import Parser
@@ -36,18 +34,17 @@ from minibert.data import Source, add_data_flags, batch_order, describe, encode,
 from minibert.device import (autocast_and_scaler, pick_compile, pick_device, pick_fast, pick_precision,
                              setup_distributed, world_size)
 from minibert.evaluation import contrastive_record, evaluate
-from minibert.experiments import TrainConfig, add_config_flags, config_from
+from minibert.experiments import MAX_STEPS, TrainConfig, add_config_flags, config_from
 from minibert.fast import EpochBatches, Replay, for_the_graph
 from minibert.fetch import DownloadError
-from minibert.lora import apply_lora
-from minibert.losses import simclr_loss, supcon_loss, symmetric_kl
 from minibert.runs import (RunComplete, WriteError, check_resumable, check_run_dir, checkpoint_state, code_version,
                            default_run_dir, load_checkpoint, load_into, load_tensors, save_checkpoint, save_model,
                            save_tensors, trainable_state, write_jsonl, write_training_results)
 from minibert.schedule import averages_after, learning_rate
 from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
-from minibert.weights import load_pretrained, read_config
+from minibert.training import (Batch, adamw, build_models, fp16_step, learner_for, loss_for, set_learning_rate,
+                               train_step)
 
 
 def parse_args(argv=None):
@@ -70,8 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--no-test", action="store_true",
                    help="never evaluate on the test split (for choosing hyperparameters on dev)")
     args = p.parse_args(argv)
-    if args.log_every < 1:
-        p.error(f"argument --log-every: must be at least 1, not {args.log_every}")
+    if not 1 <= args.log_every <= MAX_STEPS:
+        p.error(f"--log-every {args.log_every}: must be at least 1 and at most {MAX_STEPS}")
     return args
 
 
@@ -97,13 +94,13 @@ class Run:
     model: ScenarioClassifier
     contrastive: ContrastiveModel | None  # contrastive runs only
     trained: nn.ModuleDict  # every module that trains, under one name space for checkpoints
-    learner: nn.Module  # what the classifier's gradients flow through (model or head; DDP-wrapped)
+    learner: Callable  # what the classifier's loss calls: the model, its DDP replica, or a Probe
     splits: dict  # train / dev / test, encoded
     run_dir: Path
     average: WeightAverage | None  # SWA only
     optimizer: torch.optim.Optimizer | None = None
     start_epoch: int = 0
-    step: int = 0
+    steps_taken: int = 0  # optimizer steps, both stages
     history: list = field(default_factory=list)
     replay: Replay | None = None  # the fast path's recorded step, for the current optimizer
     totals: tuple = ()  # (loss sum, correct count) of the epoch so far, on the device
@@ -172,11 +169,7 @@ def setup(args):
     trained.to(device)
     if fast and device.type == "cuda":
         for_the_graph(model.encoder, compile=compiled)  # fewer, larger kernels for the recorded step
-    # What the classifier's gradients flow through: the whole model, or the head alone for a
-    # probe. Under torchrun every process holds a replica and DDP averages the gradients.
-    learner = model.head if config.stage2 == "probe" else model
-    if world > 1:
-        learner = DistributedDataParallel(learner)
+    learner = learner_for(model, config.stage2, world)
     splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name)),
                            config.max_len) for name in ("train", "dev", "test")}
     short = len(splits["train"]) % config.batch_size
@@ -206,30 +199,6 @@ def setup(args):
     return run
 
 
-def build_models(config, data, rank, world):
-    """The pretrained encoder (with LoRA adapters where asked) under the paper's head, and, for a
-    contrastive run, under the projection head as well → (classifier, contrastive or None, tokenizer)."""
-    name = config.model
-    if world > 1:  # one process decides `auto` and fetches missing weights; the others take its word
-        chosen = [read_config(name)[0] if rank == 0 else None]
-        dist.broadcast_object_list(chosen)
-        name = chosen[0]
-    name, encoder_config = read_config(name)
-    config.check_model(encoder_config)  # the model's limits, before its weights load
-    torch.manual_seed(config.seed)
-    encoder, tokenizer, _ = load_pretrained(name)
-    if config.lora_r:
-        apply_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_list)
-    groups = data.intent_groups() if config.supervise != "labels" else None
-    model = ScenarioClassifier(encoder, len(data.labels), config.hidden_dim, config.drop_rate, groups, config.pooling)
-    # Stage 1's views drop --contrastive-drop-rate of the sentence vector before the projection head,
-    # by default --drop-rate: the paper's Table 3 keeps its 0.9 for the contrastive rows
-    # (ContrastiveModel's own default is 0.1).
-    views = config.drop_rate if config.contrastive_drop_rate < 0 else config.contrastive_drop_rate
-    contrastive = ContrastiveModel(encoder, views, config.pooling) if config.stage1_epochs else None
-    return model, contrastive, tokenizer
-
-
 def restore(run):
     """Continue from the checkpoint of the last completed epoch, or refuse if it was another run."""
     saved = checkpoint_state(run.checkpoint)
@@ -242,7 +211,7 @@ def restore(run):
     state = load_checkpoint(run.checkpoint, run.trained, run.optimizer if same_stage else None, run.average)
     if run.scaler is not None and "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
-    run.step, run.history = state["step"], state["history"]
+    run.steps_taken, run.history = state["step"], state["history"]
     run.log(f"resuming {run.run_dir} after epoch {run.start_epoch}")
 
 
@@ -258,20 +227,11 @@ def make_optimizer(run, contrastive_stage):
     params = [p for p in module.parameters() if p.requires_grad]
     if run.config.layer_decay < 1 and not contrastive_stage:
         params = layer_groups(module, run.model.encoder.config.num_hidden_layers, run.config.layer_decay)
-    # The fused kernel updates each tensor in one pass over memory: on the CPU it is ~4x faster
-    # than the default, and the optimizer step is a third of a step's time on a small BERT.
-    # capturable: the step count lives on the device, so a CUDA graph can hold the update.
-    optimizer = torch.optim.AdamW(params, lr=run.config.lr, eps=run.config.adam_eps,
-                                  weight_decay=run.config.weight_decay, fused=run.device.type in ("cpu", "cuda"),
-                                  capturable=run.fast and run.device.type == "cuda")
-    if run.fast:  # the rate as a device tensor, set in place before each step: a graph reads it there
-        for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=run.device)
     run.replay = None  # a recorded step belongs to the optimizer it was recorded with
-    return optimizer
+    return adamw(params, run.config, run.device, run.fast)
 
 
-# ---- one epoch: forward, loss, backward, clip, step, schedule, log -----------------------------
+# ---- one epoch: the rate, the step, the log ------------------------------------------------------
 
 def train_epoch(run, epoch):
     config, stage1 = run.config, run.config.stage1_epochs
@@ -297,40 +257,52 @@ def train_epoch(run, epoch):
     for i, index in enumerate(order, start=1):
         # The contrastive stage runs at the peak rate; the schedule counts the classifier's own steps.
         lr = config.lr if contrastive_stage else learning_rate(
-            config, epoch - stage1, run.step - stage1 * run.steps_per_epoch, run.steps_per_epoch)
-        for group in run.optimizer.param_groups:  # a tensor on the fast path: set in place
-            rate = lr * group.get("lr_scale", 1.0)
-            if run.fast:
-                group["lr"].fill_(rate)
-            else:
-                group["lr"] = rate
-        step(i - 1, index)                                    # forward, loss, backward, clip, step
-        run.step += 1                                         # schedule: the next lr above
+            config, epoch - stage1, run.steps_taken - stage1 * run.steps_per_epoch, run.steps_per_epoch)
+        set_learning_rate(run.optimizer, lr)
+        step(i - 1, index)                       # forward, loss, backward, clip, AdamW: training.train_step
+        run.steps_taken += 1
         window = (window[0] + len(index), window[1])
         if i % run.args.log_every == 0 or i == len(order):   # log: the step's one sync
             window = log_progress(run, epoch, i, order, lr, window)
     end_of_epoch(run, epoch, order, *run.totals, lr, time.perf_counter() - started)
 
 
+def stage_loss(run, contrastive_stage):
+    """→ (what the loss calls, the loss): the stage's model, and the loss the recipe trains with
+    (training.loss_for). Under torchrun the model is DDP's replica; a probe calls its head alone."""
+    model = run.contrastive if contrastive_stage else run.learner
+    return model, loss_for(run.config, contrastive_stage, run.world, run.model.coarse)
+
+
 def stepper(run, contrastive_stage, order):
-    """→ step(i, index): train on batch i of the epoch, whose sentences are `index`. Eagerly, each
-    batch is this process's shard, copied to the device when its turn comes. The fast path copies
-    the epoch once, every row padded to max_len, and replays one recorded step (minibert/fast.py)."""
-    step = partial(train_step, run, contrastive_stage)
+    """→ step(i, index): one optimizer step on batch i of the epoch, whose sentences are `index`,
+    its loss and correct count added to run.totals. Eagerly, each batch is this process's shard,
+    copied to the device when its turn comes. The fast path copies the epoch once, every row
+    padded to max_len, and replays one recorded step (minibert/fast.py)."""
+    model, loss = stage_loss(run, contrastive_stage)
+    update = partial(fp16_step, scaler=run.scaler) if run.scaler else train_step
+    loss_sum, correct = run.totals  # added to in place: a recorded step writes into these tensors
+
+    def step(batch):
+        value, outputs = update(model, run.optimizer, batch, loss, run.config.max_grad_norm, run.autocast)
+        loss_sum.add_(value)
+        if outputs is not None:
+            correct.add_((run.model.coarse(outputs).argmax(1) == batch.labels).sum())
+
     if not run.fast:
-        return lambda i, index: step(len(index), *shard_on_device(run, index))
+        return lambda i, index: step(shard_on_device(run, index))
     if run.replay is None:
-        run.replay = Replay(partial(step, run.config.batch_size), run.device)
+        run.replay = Replay(lambda *tensors: step(Batch(*tensors)), run.device)
     batches = EpochBatches.build(run.splits["train"], order, run.intents["train"], run.device)
     full = run.config.batch_size  # a full batch replays; the short last one runs eagerly, on its own shape
-    return lambda i, index: run.replay(*batches[i]) if len(index) == full else step(len(index), *batches[i])
+    return lambda i, index: run.replay(*batches[i]) if len(index) == full else step(Batch(*batches[i]))
 
 
 def shard_on_device(run, index):
-    """This process's share of a batch, every world-th sentence, on the device →
-    (input_ids, attention_mask or None, labels, intents)."""
+    """This process's share of a batch, every world-th sentence, on the device → a Batch."""
     shard = index[run.rank::run.world]
-    return to_device((*run.splits["train"].batch(shard), run.intents["train"][shard]), run.device)
+    tensors = to_device((*run.splits["train"].batch(shard), run.intents["train"][shard]), run.device)
+    return Batch(*tensors, share=run.world * len(shard) / len(index))
 
 
 def log_progress(run, epoch, i, order, lr, window):
@@ -344,87 +316,6 @@ def log_progress(run, epoch, i, order, lr, window):
     return 0, time.perf_counter()
 
 
-def train_step(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
-    """Forward, loss, backward, clip, AdamW; the loss and the correct count are added to
-    run.totals. Nothing here reads a value back from the device, so on the fast path a CUDA
-    graph can record the whole of it. `n`: sentences in the whole batch, over every process."""
-    loss, logits = batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents)  # forward
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.scaler:                                                           # backward
-        run.scaler.scale(loss).backward()
-        run.scaler.unscale_(run.optimizer)
-    else:
-        loss.backward()
-    if run.config.max_grad_norm:                                             # clip
-        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
-                                       run.config.max_grad_norm)
-    if run.scaler:                                                           # step
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    loss_sum, correct = run.totals  # added to in place: a recorded step writes into these tensors
-    loss_sum.add_(loss.detach())
-    if logits is not None:
-        correct.add_((logits.argmax(1) == labels).sum())
-
-
-def batch_loss(run, contrastive_stage, n, input_ids, attention_mask, labels, intents):
-    """The stage's loss on a batch → (loss, label logits or None), under autocast where it is on."""
-    with run.autocast():
-        if contrastive_stage:
-            return contrastive_loss(run, input_ids, attention_mask, labels, intents), None
-        return classifier_loss(run, n, input_ids, attention_mask, labels, intents)
-
-
-def contrastive_loss(run, input_ids, attention_mask, labels, intents):
-    """Stage 1 (§3.2.3): SupCon, whose positives share a label (or an intent), or SimCLR, whose
-    only positive is the other view of the same sentence."""
-    config = run.config
-    views = run.contrastive.views(input_ids, attention_mask)  # (B, 2, H), two dropout passes
-    if config.loss == "simclr":
-        return simclr_loss(views, config.temperature, labels if config.simclr_negatives == "other-labels" else None)
-    positives = intents if config.contrastive_labels == "intents" else labels
-    return supcon_loss(views, positives, config.temperature, config.temperature)
-
-
-def classifier_loss(run, n, input_ids, attention_mask, labels, intents):
-    """Cross-entropy of the head's label logits, the paper's loss → (loss, logits). Beyond the
-    paper: the head may predict intents (--supervise), and R-Drop adds the KL between two passes."""
-    config = run.config
-    passes = 2 if config.rdrop else 1  # R-Drop: the batch twice in one forward, two dropout masks
-    outputs = head_outputs(run, input_ids, attention_mask, passes).float()  # (passes·B, labels or intents)
-    logits = run.model.coarse(outputs)  # (passes·B, labels): a label's intents summed, or the outputs
-
-    def mean_ce(scores, targets):
-        # The mean over the whole batch, whatever this process's share of it: DDP divides the
-        # summed gradients by world, so each process scales its sum by world / batch.
-        return F.cross_entropy(scores, targets.repeat(passes), reduction="sum") * run.world / n / passes
-
-    if config.supervise == "labels":
-        loss = mean_ce(logits, labels)
-    elif config.supervise == "intents":
-        loss = mean_ce(outputs, intents)
-    else:
-        loss = mean_ce(logits, labels) + mean_ce(outputs, intents)
-    if passes == 2:
-        first, second = outputs.chunk(2)
-        loss = loss + config.rdrop * symmetric_kl(first, second) * run.world / n
-        logits = logits[: len(input_ids)]
-    return loss, logits
-
-
-def head_outputs(run, input_ids, attention_mask, passes):
-    """The head's outputs for the batch, `passes` times over → (passes·B, outputs). A probe runs
-    its frozen encoder once, without gradients, and repeats the sentence vectors."""
-    if run.config.stage2 == "probe":
-        with torch.no_grad():
-            vectors = run.model.embed(input_ids, attention_mask).repeat(passes, 1)
-        return run.learner(run.model.dropout(vectors))
-    mask = None if attention_mask is None else attention_mask.repeat(passes, 1)
-    return run.learner(input_ids.repeat(passes, 1), mask, grouped=False)
-
-
 # ---- the end of an epoch: SWA, dev, checkpoint ---------------------------------------------------
 
 def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
@@ -436,7 +327,7 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
         dist.all_reduce(correct)
         loss_sum /= run.world
     started = time.perf_counter()
-    row = {"epoch": epoch + 1, "stage": "contrastive" if contrastive_stage else "classifier", "step": run.step,
+    row = {"epoch": epoch + 1, "stage": "contrastive" if contrastive_stage else "classifier", "step": run.steps_taken,
            "lr": lr, "train_loss": loss_sum.item() / len(order)}
     if contrastive_stage and epoch == stage1 - 1:
         row.update(stage1_record(run))
@@ -458,7 +349,7 @@ def end_of_epoch(run, epoch, order, loss_sum, correct, lr, train_seconds):
     run.log(f"epoch {epoch + 1} ({row['stage']}): " + " ".join(f"{k} {row[k]:.4f}" for k in figures), flush=True)
     if run.main_process:  # replicas are identical: one process writes
         write_jsonl(run.run_dir / "metrics.jsonl", run.history)
-        state = {"epoch": epoch + 1, "step": run.step, "history": run.history, "config": config.to_dict(),
+        state = {"epoch": epoch + 1, "step": run.steps_taken, "history": run.history, "config": config.to_dict(),
                  "data": run.data, "precision": run.precision, "processes": run.world}
         if run.scaler is not None:
             state["scaler"] = run.scaler.state_dict()

@@ -19,7 +19,7 @@ from minibert.cli import Parser
 from minibert.data import add_data_flags, encode, source_from
 from minibert.evaluation import accuracy_interval, predict
 from minibert.fetch import DownloadError
-from minibert.runs import check_run_data, load_model, run_data, write_json
+from minibert.runs import check_out, check_run_data, load_model, record_with, run_data, write_json
 
 
 def parse_args(argv=None):
@@ -77,6 +77,9 @@ def main(argv=None):
 
 
 def run(args):
+    if args.out:  # rewritten only if it holds the figures of an agreement
+        check_out(args.out, "pass another --out", folder=False,
+                  own=lambda path: record_with(path, ("accuracy_per_run", "runs")))
     metas, probabilities, source, data = [], [], source_from(args), None
     for run_dir in args.run_dirs:
         model, tokenizer, meta = load_model(run_dir)

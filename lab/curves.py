@@ -11,22 +11,18 @@ the test split.
 """
 
 import glob
-import json
 import statistics
 import sys
 from pathlib import Path
 
 from minibert.cli import Parser
+from minibert.runs import read_metrics
 
 
 def dev_curve(folder):
     """The run's dev accuracy after each classifier epoch, in order."""
-    path = Path(folder) / "metrics.jsonl"
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the run's epochs ({e})") from None
-    return [r["dev_accuracy"] for r in rows if r.get("stage") != "contrastive" and "dev_accuracy" in r]
+    rows = read_metrics(Path(folder) / "metrics.jsonl")
+    return [r["dev_accuracy"] for r in rows if r.get("stage") != "contrastive" and r.get("dev_accuracy") is not None]
 
 
 def table(arms, epochs=None):

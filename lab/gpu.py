@@ -203,7 +203,7 @@ def profile(name, replay, data, device, top=10):
     time per step; then the largest kernels; then the replay's wall time against the sum of its
     kernels' times (the difference: the gaps between kernels inside the graph)."""
     n = len(data)
-    eager = kernel_profile(replay.step, data, device)
+    eager = kernel_profile(replay.function, data, device)
     graph = kernel_profile(replay, data, device)
     wall = timed(replay, data, device) / n
     print(f"\nprofile of {name}, {n} steps, per step:")

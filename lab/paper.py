@@ -17,13 +17,15 @@ from pathlib import Path
 
 from lab import report
 from minibert.cli import Parser
-from minibert.experiments import PAPER, PRESETS
+from minibert.experiments import MAX_EPOCHS, PAPER, PRESETS
 from minibert.fetch import DownloadError
+from minibert.runs import run_records
 from minibert.weights import resolve
 
 ROWS = ["zeroshot", *PAPER]
 BEYOND = [name for name in PRESETS if name not in PAPER]  # presets beyond the paper, run with --rows
 ROOT = Path(__file__).resolve().parents[1]
+MAX_RUNS = 1000  # seeds, or runs side by side: more is a slip, refused before the first run
 
 
 def commands(folder, model, epochs, seeds, device, rows=ROWS, flags=()):
@@ -88,14 +90,15 @@ def main(argv=None):
                    help="experiments (default: the paper's nine)")
     p.add_argument("--flags", default="", help="more train.py flags for every run, e.g. --flags=--bucket")
     args = p.parse_args(argv)
-    if args.jobs < 1 or args.seeds < 1 or args.epochs < 1:
-        p.error("--jobs, --seeds and --epochs must be at least 1")
+    if not (1 <= args.jobs <= MAX_RUNS and 1 <= args.seeds <= MAX_RUNS and 1 <= args.epochs <= MAX_EPOCHS):
+        p.error(f"--jobs and --seeds must be from 1 to {MAX_RUNS}, and --epochs from 1 to {MAX_EPOCHS}")
     try:  # decided and fetched once, so that every run trains the same model
         model, _ = resolve(args.model)
+        report.check_report(args.folder)  # before the first run: the report is written after the last
+        todo = commands(args.folder, model, args.epochs, args.seeds, args.device, args.rows, shlex.split(args.flags))
+        failed = run_all(todo, args.jobs)
     except (ValueError, DownloadError) as e:
         sys.exit(f"python -m lab.paper: {e}")
-    todo = commands(args.folder, model, args.epochs, args.seeds, args.device, args.rows, shlex.split(args.flags))
-    failed = run_all(todo, args.jobs)
     report.main([args.folder])
     if failed:
         sys.exit(f"python -m lab.paper: {failed} of {len(todo)} runs failed; see their train.log")
@@ -103,7 +106,10 @@ def main(argv=None):
 
 def run_all(todo, jobs):
     """Run [(folder, argv)] `jobs` at a time → how many failed. Each run gets OMP_NUM_THREADS threads
-    where it is set, else an equal share of the cores."""
+    where it is set, else an equal share of the cores. Every folder is checked before the first
+    run starts: a run's own, or nothing a run did not write (ValueError)."""
+    for out, _ in todo:
+        run_records(out, "move it, or pass another folder for the runs")
     threads = threads_per_run(jobs)
     told = " (OMP_NUM_THREADS)" if os.environ.get("OMP_NUM_THREADS", "").strip() else ""
     print(f"{len(todo)} runs to go, {jobs} at a time, {threads} threads each{told}")

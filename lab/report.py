@@ -22,6 +22,7 @@ from pathlib import Path
 
 from minibert.evaluation import accuracy_interval
 from minibert.experiments import FIELDS, PRESETS, as_recorded
+from minibert.runs import begins_with, check_out, read_results, require
 
 # The paper's Tables 4-7: (summed test loss, test accuracy), bert-base-uncased, single runs.
 PAPER = {
@@ -40,7 +41,12 @@ PAPER = {
 VARIANT_OF = {"simclr-swa-cosine": "simclr", "supcon-swa-cosine": "supcon"}
 ORDER = ["zeroshot", *PRESETS]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+TITLE, COMPARED = "# minibert: the paper's experiments", "# minibert: runs compared by"  # how its pages begin
 ONE_RUN = ("seed",)  # what may differ between the runs of one arm
+# What the table reads of every run's results.json, and the comparison of arms of each run compared.
+TABLE_NEEDS = ("experiment", "seed", "model", "device", "command", "hyperparameters.epochs", "test.accuracy",
+               "test.loss", "test.loss_paper_sum", "test.n", "wall_seconds", "dev_accuracy_per_epoch")
+COMPARED_NEEDS = ("hyperparameters", "dev.accuracy", "test.accuracy", "test.n", "precision")
 RUN_SETTINGS = ("precision", "fast")  # how a run ran, recorded beside its hyperparameters
 
 
@@ -48,10 +54,14 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def collect(folder):
+def collect(folder, need=("experiment", "seed")):
+    """{experiment: its runs' results.json records, by seed}, each with the fields of `need`."""
     runs = {}
     for path in sorted(Path(folder).glob("*/results.json")):
-        result = json.loads(path.read_text())
+        try:
+            result = read_results(path, need)
+        except ValueError as e:
+            sys.exit(str(e))
         result["run_dir"] = str(path.parent)
         runs.setdefault(result["experiment"], []).append(result)
     return {name: sorted(runs[name], key=lambda r: r["seed"]) for name in ORDER if name in runs}
@@ -211,9 +221,22 @@ def plot_curves(runs, folder):
     return {"dev accuracy per epoch": path}
 
 
+def check_report(folder):
+    """The report rewrites its own report.md (it begins with the report's title), and report.json and
+    the figure beside it; never a file of those names it did not write."""
+    ours = begins_with(Path(folder, "report.md"), TITLE)
+    for name in ("report.md", "report.json", "dev-accuracy.png"):
+        check_out(Path(folder, name), "move it, or report into another folder", own=lambda _: ours, folder=False)
+
+
 def update_readme(readme, folder, table, command=None, markers=(README_START, README_END)):
     start, end = markers
-    text = Path(readme).read_text()
+    try:
+        text = Path(readme).read_text(encoding="utf-8")
+    except OSError as e:
+        sys.exit(f"{readme}: cannot read ({e.strerror}); pass --readme the README whose section to replace")
+    except UnicodeDecodeError as e:
+        sys.exit(f"{readme}: not UTF-8 text (byte {e.start + 1}); pass --readme the README whose section to replace")
     if start not in text or end not in text:
         sys.exit(f"{readme}: no {start} … {end} markers to replace")
     head, rest = text.split(start, 1)
@@ -250,9 +273,10 @@ def arms(folders, setting):
             continue
         runs = [r for results in by_value.values() for r in results]
         for r in runs:
-            missing = [key for key in ("hyperparameters", "dev", "test", "precision") if not r.get(key)]
-            if missing:
-                sys.exit(f"{r['run_dir']}/results.json: no {', '.join(missing)}; not a finished run's record")
+            try:
+                require(r, COMPARED_NEEDS, f"{r['run_dir']}/results.json")
+            except ValueError as e:
+                sys.exit(str(e))
         for key in runs[0]["recipe"].keys() - {setting, *ONE_RUN}:
             other = next((r for r in runs if r["recipe"][key] != runs[0]["recipe"][key]), None)
             if other:
@@ -265,7 +289,8 @@ def arms(folders, setting):
             if twice:
                 sys.exit(f"{name} with {setting} {value}: seed {twice[0]} twice "
                          f"({', '.join(r['run_dir'] for r in results if r['seed'] == twice[0])}); give each run once")
-        compared[name] = {value: sorted(by_value[value], key=lambda r: r["seed"]) for value in sorted(by_value)}
+        values = sorted(by_value, key=lambda value: (value is not None, value))  # fast: None (off), or its steps
+        compared[name] = {value: sorted(by_value[value], key=lambda r: r["seed"]) for value in values}
     return compared
 
 
@@ -332,13 +357,17 @@ def main(argv=None):
     if len(args.folders) > 1 or args.out:
         p.error("one folder, and no --out, without --by")
     folder = args.folders[0]
-    runs = collect(folder)
+    runs = collect(folder, TABLE_NEEDS)
     if not runs:
         sys.exit(f"{folder}: no */results.json here; run `make paper` first")
+    try:
+        check_report(folder)
+    except ValueError as e:
+        sys.exit(str(e))
     rows = summarise(runs)
     figures = plot_curves(runs, folder)
     table = markdown(rows, figures)
-    Path(folder, "report.md").write_text("# minibert: the paper's experiments\n\n" + table)
+    Path(folder, "report.md").write_text(f"{TITLE}\n\n" + table)
     Path(folder, "report.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
     print(f"wrote {Path(folder, 'report.md')} and report.json")
@@ -350,13 +379,19 @@ def main(argv=None):
 def main_by(args):
     if not args.out:
         sys.exit("--by needs --out FILE.md, where the comparison is written")
+    out = Path(args.out)
+    ours = begins_with(out, COMPARED)  # a comparison written before, and its .json beside it
+    try:
+        for path in (out, out.with_suffix(".json")):
+            check_out(path, "pass another --out", own=lambda _: ours, folder=False)
+    except ValueError as e:
+        sys.exit(str(e))
     compared = arms(args.folders, args.by)
     if not compared:
         sys.exit(f"{' '.join(args.folders)}: no experiment ran with more than one value of {args.by}")
     table = compare_markdown(compared, args.by)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# minibert: runs compared by {args.by}\n\n" + table)
+    out.write_text(f"{COMPARED} {args.by}\n\n" + table)
     record = {name: {str(value): arm_summary(results) for value, results in by_value.items()}
               for name, by_value in compared.items()}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

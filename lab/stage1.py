@@ -25,7 +25,7 @@ from minibert.data import encode, load_massive
 from minibert.experiments import TrainConfig, as_recorded
 from minibert.fetch import DownloadError
 from minibert.representations import alignment, embed, knn_accuracy, uniformity
-from minibert.runs import checkpoint_state, load_into, load_tensors, write_json
+from minibert.runs import check_out, checkpoint_state, load_into, load_tensors, record_with, write_json
 from minibert.weights import load_pretrained
 
 
@@ -57,6 +57,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the figures to this JSON file as well")
     args = p.parse_args(argv)
     try:
+        if args.out:  # rewritten only if it holds the figures of a stage 1
+            check_out(args.out, "pass another --out", folder=False,
+                      own=lambda path: record_with(path, ("knn_accuracy", "epoch", "loss")))
         state = checkpoint_state(args.checkpoint)
         config = TrainConfig(**as_recorded(state["config"]))
         if config.loss == "ce" or state["epoch"] != config.stage1_epochs:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from minibert.cli import Parser
 from minibert.evaluation import accuracy_interval
-from minibert.experiments import MAX_SEED, PRESETS, add_config_flags, as_recorded, config_from, flag
+from minibert.experiments import MAX_EPOCHS, MAX_SEED, PRESETS, add_config_flags, as_recorded, config_from, flag
 from minibert.fetch import DownloadError
-from lab.paper import run_all
+from minibert.runs import begins_with, check_out, read_results, require
+from lab.paper import MAX_RUNS, run_all
 from minibert.weights import resolve
 
 # Each lever: the TrainConfig fields it changes from the base preset (`search`: drop 0.1 on [CLS],
@@ -112,13 +113,21 @@ def check_flags(flags, base):
                          "runs run (--precision, --fast)")
 
 
+# What the ranking reads of each candidate's results.json (and, with --select dev-best, of its kept epoch).
+RANKED = ("seed", "hyperparameters", "dev.accuracy", "dev.loss", "dev.n", "dev_accuracy_per_epoch", "wall_seconds",
+          "command")
+KEPT = ("dev_best.epoch", "dev_best.dev.accuracy")
+
+
 def ranking(folder, base, epochs):
     """The finished candidates of `folder`, best dev accuracy first. A record that saw the test
     split, or was trained with other settings than its name says, stops the ranking."""
     rows = []
     for path in sorted(Path(folder).glob("*/results.json")):
-        results = json.loads(path.read_text())
-        if results["test"] is not None or (results["dev_best"] or {}).get("test") is not None:
+        results = read_results(path, RANKED)
+        if results.get("dev_best"):
+            require(results, KEPT, path)
+        if results.get("test") is not None or (results.get("dev_best") or {}).get("test") is not None:
             raise ValueError(f"{path}: evaluated on the test split; a search must not see it")
         candidate = path.parent.name.rsplit("-s", 1)[0]
         expected = config_of(candidate, base, epochs)[0].to_dict()
@@ -135,16 +144,27 @@ def ranking(folder, base, epochs):
         rows.append({"candidate": candidate, "seed": results["seed"], "changes": changes(candidate),
                      "dev_accuracy": results["dev"]["accuracy"], "dev_loss": results["dev"]["loss"],
                      "dev_n": results["dev"]["n"],
-                     "dev_best": results["dev_best"] and {"epoch": results["dev_best"]["epoch"],
-                                                          "accuracy": results["dev_best"]["dev"]["accuracy"]},
+                     "dev_best": results.get("dev_best") and {"epoch": results["dev_best"]["epoch"],
+                                                              "accuracy": results["dev_best"]["dev"]["accuracy"]},
                      "dev_accuracy_per_epoch": results["dev_accuracy_per_epoch"],
                      "wall_seconds": results["wall_seconds"], "command": results["command"]})
     return sorted(rows, key=lambda r: -r["dev_accuracy"])
 
 
+TITLE = "Dev accuracy after"  # how dev.md begins
+
+
+def check_table(folder):
+    """The search rewrites its own dev.md (it begins with the table's title), and tune.json beside
+    it; never a file of those names it did not write."""
+    ours = begins_with(Path(folder, "dev.md"), TITLE)
+    for name in ("dev.md", "tune.json"):
+        check_out(Path(folder, name), "move it, or search into another folder", own=lambda _: ours, folder=False)
+
+
 def dev_table(rows, epochs):
     base = next((r["dev_accuracy"] for r in rows if r["candidate"] == "base"), None)
-    lines = [f"Dev accuracy after {epochs} epochs (the test split was never evaluated), best first.",
+    lines = [f"{TITLE} {epochs} epochs (the test split was never evaluated), best first.",
              "", "| candidate | changes from the base preset | dev accuracy | Δ vs base | dev loss | best dev epoch: "
              "accuracy | dev accuracy per epoch | minutes |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -174,12 +194,13 @@ def main(argv=None):
                    help=f"levers, or levers joined by + (default: {' '.join(SCREEN)})")
     p.add_argument("--flags", default="", help="more train.py flags for every run, e.g. --flags='--precision fp32'")
     args = p.parse_args(argv)
-    if args.jobs < 1 or args.epochs < 1:
-        p.error("--jobs and --epochs must be at least 1")
+    if not (1 <= args.jobs <= MAX_RUNS and 1 <= args.epochs <= MAX_EPOCHS):
+        p.error(f"--jobs must be from 1 to {MAX_RUNS}, and --epochs from 1 to {MAX_EPOCHS}")
     if not 0 <= args.seed <= MAX_SEED:
         p.error(f"--seed {args.seed}: must be a whole number from 0 to {MAX_SEED}")
     try:
         check_flags(shlex.split(args.flags), args.base)
+        check_table(args.folder)  # before the first run: the table is written after the last
         model, _ = resolve(args.model)  # decided once, so that every candidate trains the same model
         todo = commands(args.folder, model, args.epochs, args.seed, args.device, args.candidates, args.base,
                         shlex.split(args.flags))

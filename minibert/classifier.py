@@ -77,7 +77,7 @@ class ContrastiveModel(nn.Module):
     Linear(H, H) → ReLU → Linear(H, H), L2-normalised. Two passes of the same batch with
     dropout active give two views of every sentence (SimCSE, Gao et al. 2021, §3)."""
 
-    def __init__(self, encoder, drop_rate=0.1, pooling="cls"):
+    def __init__(self, encoder, drop_rate, pooling="cls"):
         super().__init__()
         H = encoder.config.hidden_size
         self.encoder = encoder

@@ -159,7 +159,7 @@ def load_massive(path=None, labels="scenario"):
             for n, raw in enumerate(f, start=1):
                 where = f"{path}:{n}"
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may begin it
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); is this "
                                      "MASSIVE's en-US.jsonl?") from None
@@ -171,8 +171,9 @@ def load_massive(path=None, labels="scenario"):
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     for name, examples in splits.items():
         if not examples:
-            raise ValueError(f"{path}: no {name} examples (is the file empty or truncated?); run "
-                             "`make data` again, or pass another --data file")
+            fix = "run `make data` again, or pass another --data file" if path == DEFAULT_PATH else \
+                "pass --data MASSIVE's en-US.jsonl, or a CSV, TSV or JSONL of labelled sentences of your own"
+            raise ValueError(f"{path}: no {name} examples (is the file empty or truncated?); {fix}")
     data = Dataset(**splits, labels=SCENARIOS)
     if labels == "scenario":
         return data
@@ -315,11 +316,15 @@ def source_from(args):
 
 
 def _looks_like_massive(path):
+    """Whether the first record of the file has MASSIVE's fields, read from its first line alone:
+    what follows may be anything."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            first = next((line for line in f if line.strip()), "")
-        record = json.loads(first)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        with open(path, "rb") as f:
+            first = next((line for line in f if line.strip()), b"")
+        record = json.loads(first.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        return False  # not MASSIVE's text: read_rows names the line and the byte
+    except (OSError, json.JSONDecodeError):
         return True  # load_massive says what is wrong, line by line
     return not isinstance(record, dict) or all(key in record for key in ("partition", "utt"))
 
@@ -423,6 +428,7 @@ def _table_records(path, text):
     names the line a record starts on (a quoted field may hold line breaks)."""
     # strict: a field that opens with a quote must close it before the delimiter; the lenient
     # default would read '"Play" it loud' as 'Play it loud' without a word
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a sentence as long as JSONL takes
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
                         strict=True)
     records, header, start = [], None, 1

@@ -57,7 +57,7 @@ def setup_distributed(device):
 
 def native_bf16(device):
     """Whether `device` runs bf16 matmuls in hardware, as torch reports it. Elsewhere bf16 is
-    emulated, and on a CPU that is an order of magnitude slower than fp32."""
+    emulated, and on a CPU slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

@@ -103,6 +103,12 @@ class TrainConfig:
         return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
 
     @property
+    def views_drop_rate(self):
+        """The dropout that makes stage 1's two views of a sentence: --contrastive-drop-rate, or where
+        that is -1 (the presets), --drop-rate, as the paper's Table 3 keeps 0.9 for the contrastive rows."""
+        return self.drop_rate if self.contrastive_drop_rate < 0 else self.contrastive_drop_rate
+
+    @property
     def stage1_epochs(self):
         """Contrastive epochs; -1 in a preset means "as many as the classifier gets"."""
         if self.loss == "ce":
@@ -114,29 +120,33 @@ class TrainConfig:
         cannot work, so that a bad flag fails in a second, before data or weights load. `world`
         is the number of training processes (torchrun's WORLD_SIZE)."""
         for name, ok, must in [
-            ("epochs", self.epochs >= 1, "must be at least 1"),
-            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("epochs", 1 <= self.epochs <= MAX_EPOCHS, f"must be at least 1 and at most {MAX_EPOCHS}"),
+            ("batch_size", 1 <= self.batch_size <= MAX_SIZE, f"must be at least 1 and at most {MAX_SIZE}"),
             ("lr", 0 < self.lr < math.inf, "must be a finite number above 0"),
-            ("max_len", self.max_len >= 3, "must be at least 3: [CLS], one word-piece, [SEP]"),
+            ("max_len", 3 <= self.max_len <= MAX_SIZE, f"must be at least 3 ([CLS], one word-piece, [SEP]) and at "
+             f"most {MAX_SIZE}"),
             ("drop_rate", 0 <= self.drop_rate < 1, "must be at least 0 and below 1"),
-            ("hidden_dim", self.hidden_dim >= 1, "must be at least 1"),
+            ("hidden_dim", 1 <= self.hidden_dim <= MAX_SIZE, f"must be at least 1 and at most {MAX_SIZE}"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED}"),
             ("adam_eps", 0 < self.adam_eps < math.inf, "must be a finite number above 0"),
             ("weight_decay", 0 <= self.weight_decay < math.inf, "must be a finite number, 0 or more"),
             ("max_grad_norm", 0 <= self.max_grad_norm < math.inf, "must be a finite number, 0 or more "
              "(0 turns clipping off)"),
-            ("warmup_steps", self.warmup_steps >= 0, "must be 0 or more"),
+            ("warmup_steps", 0 <= self.warmup_steps <= MAX_STEPS, f"must be 0 or more, and at most {MAX_STEPS}"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be at least 0 and below 1"),
             ("swa_start", 0 <= self.swa_start < 1, "must be at least 0 and below 1 (a fraction of --epochs)"),
             ("swa_lr", 0 <= self.swa_lr < math.inf, "must be a finite number, 0 or more"),
-            ("swa_anneal_epochs", self.swa_anneal_epochs >= 1, "must be at least 1"),
-            ("lora_r", self.lora_r >= 0, "must be 0 or more (0 fine-tunes every weight)"),
+            ("swa_anneal_epochs", 1 <= self.swa_anneal_epochs <= MAX_EPOCHS,
+             f"must be at least 1 and at most {MAX_EPOCHS}"),
+            ("lora_r", 0 <= self.lora_r <= MAX_SIZE, f"must be 0 or more (0 fine-tunes every weight), and at most "
+             f"{MAX_SIZE}"),
             ("lora_alpha", 0 < self.lora_alpha < math.inf, "must be a finite number above 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "must be at least 0 and below 1"),
             ("temperature", 0 < self.temperature < math.inf, "must be a finite number above 0"),
             ("contrastive_drop_rate", self.contrastive_drop_rate == -1 or 0 <= self.contrastive_drop_rate < 1,
              "must be at least 0 and below 1, or -1 for --drop-rate"),
-            ("contrastive_epochs", self.contrastive_epochs >= -1, "must be 0 or more, or -1 for as many as --epochs"),
+            ("contrastive_epochs", -1 <= self.contrastive_epochs <= MAX_EPOCHS,
+             f"must be 0 or more, or -1 for as many as --epochs, and at most {MAX_EPOCHS}"),
             ("layer_decay", 0 < self.layer_decay <= 1, "must be above 0 and at most 1 (1 turns it off)"),
             ("rdrop", 0 <= self.rdrop < math.inf, "must be a finite number, 0 or more (0 turns it off)"),
         ]:
@@ -163,7 +173,7 @@ class TrainConfig:
         if self.loss == "ce" and self.contrastive_epochs != 0:  # -1 too: it asks for a stage
             raise ValueError(f"--contrastive-epochs {self.contrastive_epochs} with --loss ce: there is no contrastive "
                              "stage to run; pass --loss supcon or --loss simclr, or --contrastive-epochs 0")
-        last = schedule.swa_start_epoch(self)
+        last = schedule.last_epoch_before_swa(self)
         if self.swa and last >= self.epochs - 1:
             raise ValueError(f"--swa with --epochs {self.epochs} and --swa-start {self.swa_start} averages no epoch: "
                              f"SWA averages after the epochs past int(swa_start x epochs) = {last} (0-based); "
@@ -233,6 +243,11 @@ class TrainConfig:
 # Seeds as numpy takes them. The loop derives its streams' seeds as seed x 1000 + a small offset,
 # which stays well inside torch's 64-bit seeds.
 MAX_SEED = 2**32 - 1
+# Far above any run that makes sense: a slip of the keyboard (--epochs 1000000000) is refused in a
+# second, instead of a run that never ends or a tensor that never fits.
+MAX_EPOCHS = 10_000
+MAX_SIZE = 65_536  # sentences in a batch, word-pieces in a sentence, units of the head, a LoRA rank
+MAX_STEPS = 10**9  # optimizer steps (--warmup-steps), and steps between progress lines (--log-every)
 
 
 def flag(name):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .lora import LoRALinear
-from .runs import load_model, replace_atomically, save_tensors, save_tokenizer, write_json
+from .runs import check_out, load_model, replace_atomically, save_tensors, save_tokenizer, write_json
 from .weights import source_name
 
 HEAD_FORMAT = "minibert-head/1"
@@ -36,10 +36,10 @@ def export_run(run_dir, folder):
     a temporary folder beside it, renamed into place when all are there: a failed export leaves
     nothing behind."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder}: a file, not a folder; pass a new or empty folder to export to")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise ValueError(f"{folder}: not empty; export never overwrites, so pass a new or empty folder")
+    check_out(folder, "pass a new or empty folder to export to")
+    inside = next((parent for parent in folder.parents if parent.is_file()), None)
+    if inside:  # no folder can be made in a file
+        raise ValueError(f"{folder}: {inside} is a file, not a folder; pass a new or empty folder to export to")
     model, tokenizer, meta = load_model(run_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))

@@ -72,15 +72,15 @@ class EpochBatches:
 
 
 class Replay:
-    """Calls `step(*inputs)` and returns what it returns. On a GPU, the first `warmup` calls run
-    eagerly on a side stream (the optimizer creates its state, cuBLAS its workspaces), the next
-    one records the step into a CUDA graph, and from then on a call copies its inputs into the
+    """Calls `function(*inputs)` (a training step) and returns what it returns. On a GPU, the first
+    `warmup` calls run eagerly on a side stream (the optimizer creates its state, cuBLAS its
+    workspaces), the next one records the function into a CUDA graph, and from then on a call copies its inputs into the
     recorded ones and replays the graph; what it returns are then the recorded outputs, which the
     next replay overwrites. Every call must pass inputs of the recorded shapes; a batch of another
-    shape (an epoch's last, short one) goes to `step` directly. Elsewhere every call runs eagerly."""
+    shape (an epoch's last, short one) goes to `function` directly. Elsewhere every call runs eagerly."""
 
-    def __init__(self, step, device, warmup=3):
-        self.step, self.device, self.warmup = step, device, warmup
+    def __init__(self, function, device, warmup=3):
+        self.function, self.device, self.warmup = function, device, warmup
         self.calls = 0
         self.graph = None
         self.inputs = self.outputs = None
@@ -88,19 +88,19 @@ class Replay:
     def __call__(self, *inputs):
         self.calls += 1
         if self.device.type != "cuda":
-            return self.step(*inputs)
+            return self.function(*inputs)
         if self.calls <= self.warmup:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                out = self.step(*inputs)
+                out = self.function(*inputs)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
         if self.graph is None:
             self.inputs = [x.clone() for x in inputs]
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records, runs nothing
-                self.outputs = self.step(*self.inputs)
+                self.outputs = self.function(*self.inputs)
         self.refresh(inputs)
         self.graph.replay()
         return self.outputs

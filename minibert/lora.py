@@ -51,6 +51,14 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+def frozen_and_update(linear):
+    """→ (the Linear whose weight and bias stay as loaded, its low-rank update or None): a fused
+    product (model.py's Layer.project) stacks the frozen weights and adds each update."""
+    if isinstance(linear, LoRALinear):
+        return linear.base, linear.update
+    return linear, None
+
+
 def linear_names(model):
     """The names the Linear modules of `model` go by (query, key, ... in an encoder layer)."""
     return sorted({child_name for module in model.modules() for child_name, child in module.named_children()

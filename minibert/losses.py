@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-def supcon_loss(features, labels=None, temperature=0.07, base_temperature=0.07, unseen=None):
+def supcon_loss(features, labels=None, temperature=0.07, base_temperature=0.07, left_out=None):
     """Mean over anchors of -(τ/τ_base) · mean over the anchor's positives of log p(positive).
 
     With labels, positives are all other views of sentences with the same label; with
@@ -17,7 +17,7 @@ def supcon_loss(features, labels=None, temperature=0.07, base_temperature=0.07, 
     no positive has nothing to pull towards: it is left out of the mean, and a batch where no
     anchor has one gives a loss of zero (with zero, finite gradients), never NaN.
 
-    `unseen` (B,), a diagnostic: the views of other sentences that share the anchor's `unseen`
+    `left_out` (B,), a diagnostic: the views of other sentences that share the anchor's `left_out`
     id are left out of its softmax, neither positive nor negative (SimCLR without the false
     negatives its labels would name).
     """
@@ -33,9 +33,9 @@ def supcon_loss(features, labels=None, temperature=0.07, base_temperature=0.07, 
         logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # for exp's range only
         not_self = ~torch.eye(V * B, dtype=torch.bool, device=features.device)
         positive = (ids[:, None] == ids[None, :]) & not_self
-        counted = not_self  # the softmax's terms: every other view, or fewer with `unseen`
-        if unseen is not None:
-            hidden = unseen.to(features.device).repeat(V)
+        counted = not_self  # the softmax's terms: every other view, or fewer with `left_out`
+        if left_out is not None:
+            hidden = left_out.to(features.device).repeat(V)
             counted = not_self & ((hidden[:, None] != hidden[None, :]) | positive)
         log_prob = logits - torch.logsumexp(logits.masked_fill(~counted, float("-inf")), dim=1, keepdim=True)
         n_pos = positive.sum(1)
@@ -48,8 +48,8 @@ def supcon_loss(features, labels=None, temperature=0.07, base_temperature=0.07, 
         return torch.where(has_pos, loss, 0.0).sum() / has_pos.sum().clamp(min=1)
 
 
-def simclr_loss(features, temperature=0.07, unseen=None):
-    return supcon_loss(features, labels=None, temperature=temperature, base_temperature=temperature, unseen=unseen)
+def simclr_loss(features, temperature=0.07, left_out=None):
+    return supcon_loss(features, labels=None, temperature=temperature, base_temperature=temperature, left_out=left_out)
 
 
 def symmetric_kl(first, second):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import frozen_and_update
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -128,13 +130,11 @@ class Layer(nn.Module):
         projections = (self.query, self.key, self.value)
         if not self.fused_qkv:
             return tuple(linear(x) for linear in projections)
-        # A LoRA-adapted projection stacks its frozen base and adds its own low-rank update.
-        bases = [getattr(linear, "base", linear) for linear in projections]
-        weight = torch.cat([base.weight for base in bases])  # (3H, H)
-        bias = torch.cat([base.bias for base in bases])
+        parts = [frozen_and_update(linear) for linear in projections]  # a LoRA projection is two parts
+        weight = torch.cat([frozen.weight for frozen, _ in parts])  # (3H, H)
+        bias = torch.cat([frozen.bias for frozen, _ in parts])
         qkv = F.linear(x, weight, bias).chunk(3, dim=-1)
-        return tuple(y + linear.update(x) if linear is not base else y
-                     for y, linear, base in zip(qkv, projections, bases))
+        return tuple(y if update is None else y + update(x) for y, (_, update) in zip(qkv, parts))
 
 
 class BertModel(nn.Module):

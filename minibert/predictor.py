@@ -23,9 +23,20 @@ class TrainedRun:
     def predict(self, sentences, batch_size=256):
         """→ (labels, probabilities): each sentence's most likely label, and (N, len(self.labels))
         probabilities on the CPU. The sentences go through `batch_size` at a time, each batch padded
-        to its longest sentence, in fp32 on the run's device."""
-        if isinstance(sentences, str):
-            raise TypeError("predict takes a list of sentences; wrap one sentence in a list")
+        to its longest sentence, in fp32 on the run's device. A sentence that is not a string is a
+        TypeError, a blank one a ValueError, as on the command line."""
+        if isinstance(sentences, (str, bytes)) or not hasattr(sentences, "__iter__"):
+            raise TypeError(f"predict takes a list of sentences, not {type(sentences).__name__}; wrap one sentence "
+                            "in a list")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size {batch_size!r}: must be a whole number of at least 1")
+        sentences = list(sentences)
+        for i, sentence in enumerate(sentences):
+            if not isinstance(sentence, str):
+                raise TypeError(f"sentence {i} is {type(sentence).__name__} {sentence!r:.40}, not a string; pass "
+                                "the text of each sentence")
+            if not sentence.strip():
+                raise ValueError(f"sentence {i} is {sentence!r:.40}: blank; give the text to classify, or leave it out")
         probabilities = [torch.empty(0, len(self.labels))]
         for start in range(0, len(sentences), batch_size):
             input_ids, attention_mask = self.tokenizer(sentences[start:start + batch_size],

@@ -10,7 +10,9 @@
         checkpoint.safetensors   training state after the last completed epoch, for --resume
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written file where a good one was. Nothing is pickled.
+half-written file where a good one was. Nothing is pickled. And no command destroys what it did
+not make: each writes only where nothing is, into an empty folder, or into one that proves to be
+its own (check_out).
 """
 
 import csv
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import re
+import reprlib
 import subprocess
 from pathlib import Path
 
@@ -27,9 +30,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .classifier import ScenarioClassifier
-from .data import describe, load_data, load_massive, same_source
+from .data import describe, json_object, load_data, load_massive, same_source
 from .device import device_name, native_bf16, peak_memory
-from .experiments import CHOICES, as_recorded
+from .experiments import CHOICES, FIELDS, as_recorded
 from .lora import apply_lora
 from .model import BertConfig, BertModel, count_parameters
 from .tokenizer import Tokenizer
@@ -150,6 +153,105 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
 
+# ---- the records read back, checked field by field ---------------------------------------------
+# Each table gives the type of every field its readers use; a key is a dotted path, "*" standing
+# for each item of a list. A damaged or hand-edited record is refused by the field that is wrong,
+# before a reader trips on it.
+
+NUMBER = int | float
+TYPE_WORDS = {str: "a string", int: "a whole number", NUMBER: "a number", bool: "true or false", dict: "an object",
+              list: "a list"}
+METRICS = {"accuracy": NUMBER, "loss": NUMBER, "loss_paper_sum": NUMBER, "n": int}  # evaluation.metrics
+HYPERPARAMETERS = {name: NUMBER if type(f.default) is float else type(f.default) for name, f in FIELDS.items()}
+RESULTS_FIELDS = {
+    "experiment": str, "model": str, "model_requested": str, "seed": int, "device": str, "precision": str,
+    "fast": str, "command": str, "wall_seconds": NUMBER, "samples_per_second": NUMBER, "trainable_params": int,
+    "all_params": int, "trainable_pct": NUMBER, "dev_accuracy_per_epoch": list, "dev_accuracy_per_epoch.*": NUMBER,
+    "hyperparameters": dict, **{f"hyperparameters.{name}": kind for name, kind in HYPERPARAMETERS.items()},
+    "data": dict, "data.format": str, "data.file": str, "data.split": dict, "data.sizes": dict, "data.sha256": str,
+    "test": dict, "dev": dict, "dev_best": dict, "dev_best.epoch": int, "dev_best.dev": dict, "dev_best.test": dict,
+    **{f"{split}.{name}": kind for split in ("test", "dev", "dev_best.dev", "dev_best.test")
+       for name, kind in METRICS.items()},
+    "contrastive": dict, "contrastive.test_contrastive_loss_paper_sum": NUMBER,
+}
+MODEL_FIELDS = {
+    "model": str, "encoder": dict, "labels": list, "labels.*": str, "label_kind": str, "groups": list,
+    "groups.*": int, "hidden_dim": int, "drop_rate": NUMBER, "pooling": str, "max_len": int, "lora": dict,
+    "lora.r": int, "lora.alpha": NUMBER, "lora.dropout": NUMBER, "lora.targets": list, "lora.targets.*": str,
+}
+EPOCH_FIELDS = {"epoch": int, "stage": str, "step": int, "train_loss": NUMBER, "train_accuracy": NUMBER,
+                "dev_loss": NUMBER, "dev_accuracy": NUMBER, "train_seconds": NUMBER, "wall_seconds": NUMBER}
+CHECKPOINT_FIELDS = {
+    "epoch": int, "step": int, "history": list, "history.*": dict,
+    **{f"history.*.{name}": kind for name, kind in EPOCH_FIELDS.items()},
+    "config": dict, **{f"config.{name}": kind for name, kind in HYPERPARAMETERS.items()},
+    "data": dict, "data.sha256": str, "precision": str, "processes": int, "n_averaged": int, "scaler": dict,
+}
+
+
+def fields_at(record, path, name=""):
+    """(name, value) of each field of `record` at `path`, a list of keys ("*": each item of a list)."""
+    if not path:
+        yield name, record
+        return
+    key, *rest = path
+    if key == "*" and isinstance(record, list):
+        for i, item in enumerate(record):
+            yield from fields_at(item, rest, f"{name}[{i}]")
+    elif isinstance(record, dict) and key in record:
+        yield from fields_at(record[key], rest, f"{name}.{key}" if name else key)
+
+
+def check_fields(record, types, where, fix):
+    """Refuse `record` at its first field whose type is not the one `types` gives it. A field left
+    out, or null, is not checked: older records lack newer fields. A bool is no number."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: holds {reprlib.repr(record)}, not a JSON object; {fix}")
+    for key, kind in types.items():
+        for name, value in fields_at(record, key.split(".")):
+            kinds = getattr(kind, "__args__", (kind,))
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{where}: {name} is {reprlib.repr(value)}, not {TYPE_WORDS[kind]}; {fix}")
+
+
+def require(record, keys, where):
+    """Refuse a results.json `record` that lacks a field of `keys` (dotted paths), or holds it null."""
+    missing = [key for key in keys if all(value is None for _, value in fields_at(record, key.split(".")))]
+    if missing and "test" in record and record["test"] is None and all(k.startswith("test.") for k in missing):
+        raise ValueError(f"{where}: no test figures (the run was trained with --no-test), and this command reads "
+                         f"{', '.join(missing)}; leave the run out")
+    if missing:
+        raise ValueError(f"{where}: no {', '.join(missing)}; not a finished run's record")
+
+
+def read_results(path, need=(), fix="the file is damaged: restore it, or train the run again"):
+    """A results.json → its record: an object whose fields have the types of RESULTS_FIELDS, with
+    every field of `need`; else a ValueError that names the file and the field (and ends with `fix`
+    where a field has the wrong type)."""
+    record = read_json(path)
+    check_fields(record, RESULTS_FIELDS, path, fix)
+    require(record, need, path)
+    return record
+
+
+def read_metrics(path):
+    """A run's metrics.jsonl → its rows, one per epoch, each checked as results.json is."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; is {Path(path).parent} a run folder written by train.py?") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start + 1}); the file is damaged") from None
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            rows.append(json_object(line, f"{path}:{n}", "a JSON object, one epoch's row"))
+            check_fields(rows[-1], EPOCH_FIELDS, f"{path}:{n}", "the file is damaged")
+    return rows
+
+
 def trainable_state(model):
     """What a run must store: the parameters that train, by name (frozen weights come from the
     pretrained checkpoint and are not copied into every run)."""
@@ -195,6 +297,7 @@ def checkpoint_state(path):
         missing = [k for k in ("epoch", "step", "history", "config") if k not in state]
         if missing:
             raise KeyError(missing[0])
+        check_fields(state, CHECKPOINT_FIELDS, path, "the checkpoint is damaged: delete it to train again")
         return state
     except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a training checkpoint ({e!r}); delete it to train again") from None
@@ -244,9 +347,14 @@ def load_model(run_dir):
                if k not in meta]
     if missing:
         raise ValueError(f"{where}: no {missing[0]!r} field; the file is damaged")
+    check_fields(meta, MODEL_FIELDS, where, "the file is damaged")
     if meta.get("pooling", "cls") not in CHOICES["pooling"]:
         raise ValueError(f"{where}: pooling {meta['pooling']!r}, expected {' or '.join(CHOICES['pooling'])}; "
                          "the file is damaged")
+    try:
+        encoder_config = BertConfig(**meta["encoder"])  # which checks its sizes
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: encoder: {e}; the file is damaged") from None
     try:
         if meta["lora"]:
             # Adapters and head only: the frozen weights are the pretrained model's.
@@ -256,12 +364,12 @@ def load_model(run_dir):
             lora = meta["lora"]
             apply_lora(encoder, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
         else:
-            encoder = BertModel(BertConfig(**meta["encoder"]))
+            encoder = BertModel(encoder_config)
             encoder.name = meta["model"]
         # Older runs have no groups (one output per label) and read [CLS].
         model = ScenarioClassifier(encoder, len(meta["labels"]), meta["hidden_dim"], meta["drop_rate"],
                                    meta.get("groups"), meta.get("pooling", "cls"))
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, RuntimeError) as e:  # RuntimeError: torch's, of a size below 0
         raise ValueError(f"{where}: incomplete or wrong field ({e}); the file is damaged") from None
     tensors, _ = load_tensors(run_dir / "model.safetensors")
     expected = trainable_state(model) if meta["lora"] else model.state_dict()
@@ -298,9 +406,10 @@ def run_data(run_dir, meta, source):
 def check_run_data(run_dir, meta, source, data):
     """Refuse `data` unless it has the run's labels and, where results.json recorded it, its split."""
     results = Path(run_dir) / "results.json"
-    recorded = read_json(results).get("data") if results.exists() else None
+    recorded = read_results(results).get("data") if results.exists() else None
+    own = meta["label_kind"] not in ("scenario", "intent")  # a label column's name: data of your own
     trained_on = f"it was trained on {recorded['file']}" if recorded and "file" in recorded else \
-        "it was trained on MASSIVE"
+        f"it was trained on {'data of your own' if own else 'MASSIVE'}"
     if list(data.labels) != meta["labels"]:
         raise ValueError(f"the run's {len(meta['labels'])} labels do not match the data's {len(data.labels)} "
                          f"{meta['label_kind']} labels; {trained_on}: pass that --data, with the column and split "
@@ -311,25 +420,78 @@ def check_run_data(run_dir, meta, source, data):
                          "and split flags it was trained with")
 
 
+# ---- no command destroys what it did not make --------------------------------------------------
+
+def check_out(path, fix, own=lambda entry: False, folder=True):
+    """Where a command may write: `path`, a folder (a file where `folder` is False), only where
+    nothing is yet, where an empty folder is, or where everything there proves to be the
+    command's own: `own(entry)` of each file and folder it holds (of the file itself). Anything
+    else is refused before the first write, in one line that names it and ends with `fix`."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{path}: a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}; {fix}")
+    held = sorted(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
+    foreign = [entry.name for entry in held if not own(entry)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        what = f"holds {foreign[0]}{more}" if folder else "is a file"
+        raise ValueError(f"{path} {what} that this command did not write, and it never overwrites what it did "
+                         f"not make; {fix}")
+
+
+def begins_with(path, text):
+    """Whether the text file at `path` begins with `text`: how a command knows a page it wrote by its title."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(len(text)) == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def record_with(path, keys):
+    """Whether the file at `path` is a JSON object with every one of `keys`: how a command knows a
+    record it wrote."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and set(keys) <= record.keys()
+
+
+# What a run leaves in its folder before its first checkpoint, and train.log, its output where
+# lab.paper (or the shell) sends it: a run stopped that early may start again in the folder.
+STARTED = ("metrics.jsonl", "dev-best.safetensors", "projection.safetensors", "train.log")
+
+
+def run_records(run_dir, fix):
+    """The records of a run that `run_dir` holds (checkpoint.safetensors, results.json): whether the
+    run asked for may continue there is that run's to decide. A folder without them is written
+    only if it is new, empty, or holds no more than a run leaves before its first checkpoint
+    (STARTED): never a model's folder, an export, or anything else no run wrote."""
+    records = [f for f in ("checkpoint.safetensors", "results.json") if (Path(run_dir) / f).exists()]
+    if not records:
+        check_out(run_dir, fix, own=lambda entry: entry.name in STARTED)
+    return records
+
+
 def check_run_dir(run_dir, resume, config, source):
     """Never overwrite a run silently: its checkpoint could be hours of work. A finished run asked
-    to resume is done (RunComplete) if it trained with `config` on `source`, and refused if not."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
-    existing = [f for f in ("checkpoint.safetensors", "results.json") if (run_dir / f).exists()]
+    to resume is done (RunComplete) if it trained with `config` on `source`, and refused if not;
+    a folder that holds no run is written only if no more than a run's beginning is there."""
+    existing = run_records(run_dir, "pass another --out: a new or empty folder, or the run's own to resume it")
     if existing and not resume:
         raise ValueError(f"{run_dir} already holds a run ({', '.join(existing)}); "
                          "pass --resume to continue it, or --out to write elsewhere")
     if resume and (run_dir / "results.json").exists():
-        record = read_json(run_dir / "results.json")
-        if not isinstance(record, dict) or not isinstance(record.get("hyperparameters"), dict):
+        record = read_results(run_dir / "results.json")
+        if not isinstance(record.get("hyperparameters"), dict):
             raise ValueError(f"{run_dir / 'results.json'}: no hyperparameters, not a record of train.py; "
                              "delete the folder to train again, or pass another --out")
         check_same_config(record["hyperparameters"], config.to_dict(), run_dir)
         if config.precision != "auto" and record.get("precision", config.precision) != config.precision:
             raise ValueError(f"cannot resume {run_dir}: it was trained with precision {record['precision']}, not "
                              f"{config.precision}; pass another --out to train again")
-        check_same_source(record.get("data"), source, run_dir)
+        check_finished_data(record.get("data"), source, config.labels, run_dir)
         raise RunComplete(f"{run_dir} is already complete: see its results.json (delete the folder to train again)")
 
 
@@ -352,17 +514,32 @@ def check_same_source(recorded, source, run_dir):
                          "another --out")
 
 
+def check_finished_data(recorded, source, labels, run_dir):
+    """A finished run's recorded data against `source`: the same file and flags and, where the record
+    has their digest, the same sentences in the same splits, read now (a finished run keeps no
+    checkpoint that would check them when it resumes)."""
+    check_same_source(recorded, source, run_dir)
+    if (recorded or {}).get("sha256"):
+        check_same_sentences(recorded, source, describe(source, load_data(source, labels))["sha256"], run_dir)
+
+
+def check_same_sentences(recorded, source, digest, run_dir):
+    """The digest of the sentences a run started on, in their splits, against `digest`, that of the
+    data read now (a record without one predates it)."""
+    then = (recorded or {}).get("sha256")
+    if then is not None and then != digest:
+        raise ValueError(f"cannot resume {run_dir}: {source.path or 'the MASSIVE file'} no longer holds the sentences "
+                         "it started on, or splits them otherwise (their digest differs); restore the file, or train "
+                         "again with another --out")
+
+
 def check_resumable(saved, config, precision, world, source, data, run_dir):
     """A checkpoint continues only the run that wrote it: the same hyperparameters, data (the same
     file and flags, and by `data`'s digest the same sentences in the same splits), precision and
     number of processes (a checkpoint without them predates them: MASSIVE, fp32, one process)."""
     check_same_config(saved["config"], config.to_dict(), run_dir)
     check_same_source(saved.get("data"), source, run_dir)
-    then = (saved.get("data") or {}).get("sha256")
-    if then is not None and then != data["sha256"]:
-        raise ValueError(f"cannot resume {run_dir}: {source.path or 'the MASSIVE file'} no longer holds the sentences "
-                         "it started on, or splits them otherwise (their digest differs); restore the file, or train "
-                         "again with another --out")
+    check_same_sentences(saved.get("data"), source, data["sha256"], run_dir)
     for what, now in (("precision", precision), ("processes", world)):
         then = saved.get(what, {"precision": "fp32", "processes": 1}[what])
         if then != now:

@@ -48,7 +48,7 @@ def swa_anneal(k, start_lr, target, anneal_epochs, strategy="cos"):
     return target * alpha + start_lr * (1 - alpha)
 
 
-def swa_start_epoch(config):
+def last_epoch_before_swa(config):
     """The last (0-based) epoch before SWA averages: int(swa_start · epochs), as torch's loop has it."""
     return int(config.swa_start * config.epochs)
 
@@ -56,7 +56,7 @@ def swa_start_epoch(config):
 def averages_after(config, epoch):
     """torch.optim.swa_utils' loop: `if epoch > swa_start: swa_model.update_parameters(model);
     swa_scheduler.step()` after each (0-based) classifier epoch. 10 epochs: epochs 8 and 9."""
-    return config.swa and epoch > swa_start_epoch(config)
+    return config.swa and epoch > last_epoch_before_swa(config)
 
 
 DECAY = {"constant": None, "linear": linear_warmup, "cosine": cosine_warmup}
@@ -76,7 +76,7 @@ def learning_rate(config, epoch, step, steps_per_epoch):
     def scheduled(s):
         return config.lr * (decay(s, warmup, total) if decay else 1.0)
 
-    start = swa_start_epoch(config)
+    start = last_epoch_before_swa(config)
     if config.swa and epoch > start:
         handover = scheduled((start + 1) * steps_per_epoch)
         return swa_anneal(epoch - start - 1, handover, config.swa_lr, config.swa_anneal_epochs, config.swa_anneal)

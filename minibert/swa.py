@@ -5,6 +5,17 @@ Semantics follow torch.optim.swa_utils: AveragedModel's equal-weight running mea
 annealing. One thing SWA usually needs, re-estimating BatchNorm statistics for the averaged
 weights (`update_bn`), does not apply: BERT normalises with LayerNorm, which computes its
 statistics from each input and keeps no running averages, so the averaged model is ready as is.
+
+The timeline of the paper's SWA rows (10 epochs, swa_start 0.75; the rates from schedule.py):
+
+    epochs 1-8   the ordinary schedule: `swa` at a constant 1e-4, `both` decaying linearly to 2e-5
+    epoch 9      at the rate the schedule reached (1e-4; both: 2e-5); then the first average
+    epoch 10     SWALR's first annealing step: 1e-4 → 9.14e-5 (both: 2e-5 → 1.9e-5); the second average
+    the end      the mean of epochs 9 and 10 is evaluated on dev and test, and saved
+
+SWALR's five annealing epochs never finish, so its target, swa_lr = 1e-5, is never reached. The
+dev figures recorded after epochs 9 and 10 are the raw weights'; only the final figures are the
+average's.
 """
 
 import torch

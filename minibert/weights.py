@@ -270,23 +270,21 @@ def load_pretrained(name_or_dir="auto", with_pooler=True):
 
 
 def write_compact(name_or_dir, dest):
-    """Copy a model folder with its weights in fp16: half the bytes, for a machine without
-    internet (all-MiniLM-L6-v2 becomes about 45 MB). The loader reads it back into fp32."""
+    """Copy a model folder with its weights in fp16 to `dest`, a new or empty folder (the command
+    checks it first): half the bytes, for a machine without internet (all-MiniLM-L6-v2 becomes
+    about 45 MB). The loader reads it back into fp32."""
     _, folder = resolve(name_or_dir)
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"--compact {dest}: {'a file' if not dest.is_dir() else 'not empty'}; pass a new or empty "
-                         "folder")
     try:
         with safe_open(folder / "model.safetensors", framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{folder / 'model.safetensors'}: not a readable safetensors file ({e})") from None
     half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    part = dest.with_name(dest.name + ".part")  # the copy is written whole beside DIR, then renamed onto it
+    # The copy is written whole into a new folder beside DIR, then renamed onto it.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        shutil.rmtree(part, ignore_errors=True)  # a failed attempt's
-        part.mkdir(parents=True)
         for extra in ("config.json", "vocab.txt", "tokenizer.json"):
             if (folder / extra).exists():
                 shutil.copyfile(folder / extra, part / extra)

@@ -300,6 +300,8 @@ def batch_loss(run, index, contrastive_stage):
     → (loss, label logits or None, labels)."""
     import train
 
-    input_ids, attention_mask, labels, intents = train.shard_on_device(run, index)
-    loss, logits = train.batch_loss(run, contrastive_stage, len(index), input_ids, attention_mask, labels, intents)
-    return loss, logits, labels
+    batch = train.shard_on_device(run, index)
+    model, loss = train.stage_loss(run, contrastive_stage)
+    with run.autocast():
+        value, outputs = loss(model, batch)
+    return value, None if outputs is None else run.model.coarse(outputs), batch.labels

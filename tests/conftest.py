@@ -3,12 +3,38 @@ need them, unless MINIBERT_REQUIRE_ASSETS=1 (as in CI), where a missing asset is
 
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from minibert.data import data_path
 from minibert.weights import is_complete, load_pretrained
+from tests import cpu
 from tests.cases import REFERENCE, minilm_folder, require_assets
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu", default="this", choices=["this", "other", *cpu.KINDS],
+                     help="run as this machine's CPU (the default), or as another kind: native-bf16, fp32-only, "
+                          "or the other of the two. The precision query answers as that CPU in this process and "
+                          "in every process a test starts (tests/cpu/sitecustomize.py)")
+
+
+def pytest_configure(config):
+    kind = config.getoption("--cpu")
+    if kind == "this":
+        return
+    if kind == "other":
+        kind = "fp32-only" if cpu.this_machine() == "native-bf16" else "native-bf16"
+    cpu.answer_as(kind)
+    os.environ["MINIBERT_TESTS_CPU"] = kind
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(cpu.__file__).parent),
+                                                *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def pytest_report_header(config):
+    return f"cpu: {os.environ.get('MINIBERT_TESTS_CPU') or cpu.this_machine() + ' (this machine)'}"
 
 
 def need(condition, what):

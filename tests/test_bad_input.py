@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import minibert
 import train
 from lab import paper, tune
+from minibert import training
 from minibert.classifier import ScenarioClassifier
+from minibert.data import Source, describe, load_data
 from minibert.experiments import FIELDS, FLAGS, MAX_SEED, PRESETS, TrainConfig, flag
 from minibert.runs import read_json, save_model
 from minibert.weights import load_pretrained
@@ -27,6 +30,17 @@ TINY = cases.REFERENCE / "tiny_odd"  # max_position_embeddings 16
 NO_MODEL = ["--model", "/nonexistent/model"]
 LINE = {"id": "0", "locale": "en-US", "partition": "train", "scenario": "alarm", "intent": "alarm_set",
         "utt": "wake me up at five am"}
+
+
+def own_jsonl(line_2):
+    """Two labelled sentences of your own, the second line given as bytes."""
+    return b'{"text": "wake me up", "label": "alarm"}\n' + line_2 + b"\n"
+
+
+# A results.json as train.py writes it, and a model.json whose max_len is text.
+RECORD = (ROOT / "results/paper/all-MiniLM-L6-v2-e10/baseline-s0/results.json").read_text()
+MODEL_JSON = json.dumps({"format": "minibert-run/1", "model": "tiny", "encoder": {}, "labels": ["alarm", "audio"],
+                         "label_kind": "scenario", "hidden_dim": 10, "drop_rate": 0.9, "max_len": "16", "lora": None})
 
 
 def jsonl(*replaced):
@@ -40,6 +54,8 @@ def jsonl(*replaced):
 TRAIN = [sys.executable, "train.py"]
 EVALUATE = [sys.executable, "evaluate.py"]
 MINIBERT = [sys.executable, "-m", "minibert"]
+REPORT, CURVES, TUNE, AGREEMENT = ([sys.executable, "-m", f"lab.{name}"] for name in ("report", "curves", "tune",
+                                                                                      "agreement"))
 ON_TINY = ["--model", "{tmp}/model", "--out", "{tmp}/out", "--epochs", "1"]
 DATA = "{tmp}/good.jsonl"
 
@@ -116,6 +132,15 @@ CASES = [
      {"bad.jsonl": jsonl(json.dumps({**LINE, "scenario": "banking"}))}, {}, "bad.jsonl:2: unknown scenario"),
     ("data-zero-shot", [*EVALUATE, "--zero-shot", "--model", "{tmp}/model", "--data", "{tmp}/nowhere.jsonl"], {}, {},
      "nowhere.jsonl: no MASSIVE data"),
+    ("data-empty-given", [*TRAIN, *ON_TINY, "--data", "{tmp}/empty.jsonl"], {"empty.jsonl": ""}, {},
+     "no train examples (is the file empty or truncated?); pass --data MASSIVE's en-US.jsonl, or a CSV, TSV or JSONL"),
+    # ---- a file of your own: its problems in its own words, never MASSIVE's ----
+    ("own-jsonl-first-line-not-utf8", [*TRAIN, *ON_TINY, "--data", "{tmp}/own.jsonl"],
+     {"own.jsonl": own_jsonl(b'{"text": "b", "label": "x"}').replace(b"wake", b"w\xe9ke")}, {},
+     "own.jsonl:1: not UTF-8 text (byte 12 of the line); save the file as UTF-8"),
+    ("own-jsonl-second-line-not-utf8", [*TRAIN, *ON_TINY, "--data", "{tmp}/own.jsonl"],
+     {"own.jsonl": own_jsonl(b'{"text": "caf\xe9", "label": "x"}')}, {},
+     "own.jsonl:2: not UTF-8 text (byte 14 of the line); save the file as UTF-8"),
     # ---- models and their files ----
     ("model-unknown", [*TRAIN, "--model", "bert-large", "--data", DATA], {}, {}, "unknown model 'bert-large'"),
     ("model-is-a-file", [*MINIBERT, "weights", "{tmp}/model/config.json"], {}, {}, "config.json' is a file"),
@@ -138,7 +163,7 @@ CASES = [
     ("compact-onto-a-file", [*MINIBERT, "weights", "{tmp}/model", "--compact", "{tmp}/model/vocab.txt"], {}, {},
      "--compact"),
     ("compact-onto-a-full-folder", [*MINIBERT, "weights", "{tmp}/model", "--compact", "{tmp}/full"],
-     {"full/config.json": "{}"}, {}, "full: not empty; pass a new or empty folder"),
+     {"full/config.json": "{}"}, {}, "full holds config.json that this command did not write"),
     ("minibert-usage", [*MINIBERT], {}, {}, "command"),
     # ---- evaluate.py: what RUN_DIR is, and flags that do not go with it ----
     ("run-is-a-file", [*EVALUATE, "{tmp}/model/config.json"], {}, {}, "config.json: a file"),
@@ -147,6 +172,16 @@ CASES = [
     ("weight-changes-zero-shot", [*EVALUATE, "--zero-shot", "--weight-changes"], {}, {},
      "--weight-changes needs a trained RUN_DIR"),
     ("run-unfinished", [*EVALUATE, "{tmp}/half"], {"half/checkpoint.safetensors": b""}, {}, "has not finished"),
+    ("run-model-json-field", [*EVALUATE, "{run}", "--predict", "wake me up"], {"run/model.json": MODEL_JSON}, {},
+     "model.json: max_len is '16', not a whole number; the file is damaged"),
+    ("run-results-not-an-object", [*EVALUATE, "{run}", "--data", DATA], {"run/results.json": "[1, 2]"}, {},
+     "results.json: holds [1, 2], not a JSON object; the file is damaged"),
+    ("run-results-field", [*EVALUATE, "{run}", "--data", DATA], {"run/results.json": '{"data": {"file": 3}}'}, {},
+     "results.json: data.file is 3, not a string; the file is damaged"),
+    ("agreement-results-not-an-object", [*AGREEMENT, "{run}", "{run}", "--data", DATA],
+     {"run/results.json": '"done"'}, {}, "results.json: holds 'done', not a JSON object"),
+    ("export-under-a-file", [*MINIBERT, "export", "{run}", "{tmp}/good.jsonl/export"], {}, {},
+     "good.jsonl is a file, not a folder; pass a new or empty folder to export to"),
     ("run-model-json", [*EVALUATE, "{run}"], {"run/model.json": '{"format": "minibert-run/1", '}, {},
      "model.json: not valid JSON"),
     ("run-weights", [*EVALUATE, "{run}"], {"run/model.safetensors": b"\x00" * 10}, {},
@@ -166,6 +201,27 @@ CASES = [
      "holds another zero-shot record (seed 7, not 0)"),
     ("zero-shot-onto-a-damaged-record", [*EVALUATE, "--zero-shot", "--out", "{tmp}/zs"],
      {"zs/results.json": '{"experiment": "zero'}, {}, "results.json: not valid JSON"),
+    ("zero-shot-onto-a-record-of-other-types", [*EVALUATE, "--zero-shot", "--model", "{tmp}/model", "--out",
+                                                "{tmp}/zs"],
+     {"zs/results.json": '{"experiment": "zeroshot", "hyperparameters": [1]}'}, {},
+     "results.json: hyperparameters is [1], not an object; the file is damaged; delete it, or pass --out"),
+    # ---- the lab's readers of the records ----
+    ("report-results-not-an-object", [*REPORT, "{tmp}/runs"], {"runs/a-s0/results.json": "[1]"}, {},
+     "a-s0/results.json: holds [1], not a JSON object"),
+    ("report-results-field", [*REPORT, "{tmp}/runs"],
+     {"runs/a-s0/results.json": RECORD.replace('"seed": 0', '"seed": "0"')}, {}, "a-s0/results.json: seed is '0'"),
+    ("report-results-untested", [*REPORT, "{tmp}/runs"],
+     {"runs/a-s0/results.json": json.dumps({**json.loads(RECORD), "test": None})}, {},
+     "a-s0/results.json: no test figures (the run was trained with --no-test)"),
+    ("report-readme-missing", [*REPORT, "{tmp}/runs", "--readme", "{tmp}/nowhere.md"],
+     {"runs/a-s0/results.json": RECORD}, {}, "nowhere.md: cannot read (No such file or directory)"),
+    ("tune-results-field", [*TUNE, "{tmp}/search", "--model", "{tmp}/model", "--candidates", "base"],
+     {"search/base-s0/results.json": '{"test": null, "dev": {"accuracy": "0.9"}}'}, {},
+     "base-s0/results.json: dev.accuracy is '0.9', not a number"),
+    ("curves-row-not-an-object", [*CURVES, "a={tmp}/a-s*"], {"a-s0/metrics.jsonl": "[1]\n"}, {},
+     "a-s0/metrics.jsonl:1: expected a JSON object"),
+    ("curves-row-field", [*CURVES, "a={tmp}/a-s*"], {"a-s0/metrics.jsonl": '{"dev_accuracy": "0.5"}\n'}, {},
+     "a-s0/metrics.jsonl:1: dev_accuracy is '0.5', not a number"),
 ]
 
 
@@ -257,7 +313,7 @@ def nothing_loads(monkeypatch):
     def loads(*args, **kwargs):
         raise AssertionError("got as far as loading data, weights or a run")
 
-    for module, names in [(train, ["load_data", "read_config", "load_pretrained"]),
+    for module, names in [(train, ["load_data"]), (training, ["read_config", "load_pretrained"]),
                           (evaluate, ["load_data", "run_data", "load_pretrained", "load_model"]),
                           (paper, ["resolve", "run_all"]), (tune, ["resolve", "run_all"])]:
         for name in names:
@@ -292,6 +348,10 @@ BAD_NUMBERS = {
     "--rdrop": ["-1", "nan", "inf"],
     "--log-every": ["0", "-1"],
 }
+# Counts far past any run, a slip of the keyboard: refused by their bound, not a run that never
+# ends or a tensor that never fits. (The seed's bound is in BAD_NUMBERS.)
+HUGE = str(10**20)
+COUNTS = [flag(name) for name in FLAGS if type(FIELDS[name].default) is int and name != "seed"] + ["--log-every"]
 # Numbers in range that cannot work together, or would be ignored: (flags, what the line says).
 BAD_COMBINATIONS = [
     (["--contrastive-epochs", "-1"], "--contrastive-epochs -1 with --loss ce"),  # -1: as many as --epochs
@@ -321,6 +381,11 @@ BAD_LAB_NUMBERS = [
     (tune.main, ["{tmp}", "--jobs", "0"], "--jobs"),
     (tune.main, ["{tmp}", "--seed", "-1"], "--seed -1: must be a whole number from 0"),
     (tune.main, ["{tmp}", "--seed", str(MAX_SEED + 1)], f"--seed {MAX_SEED + 1}"),
+    (paper.main, ["{tmp}", "--seeds", HUGE], "--seeds must be from 1 to 1000"),
+    (paper.main, ["{tmp}", "--jobs", HUGE], "--jobs and --seeds must be from 1 to 1000"),
+    (paper.main, ["{tmp}", "--epochs", HUGE], "--epochs from 1 to 10000"),
+    (tune.main, ["{tmp}", "--jobs", HUGE], "--jobs must be from 1 to 1000"),
+    (tune.main, ["{tmp}", "--epochs", HUGE], "--epochs from 1 to 10000"),
 ]
 
 
@@ -341,6 +406,12 @@ def test_a_number_out_of_range_is_refused_before_anything_loads(name, value, not
     assert line.startswith("train.py:") and name in line, line
 
 
+@pytest.mark.parametrize("name", COUNTS)
+def test_a_huge_count_is_refused_before_anything_loads(name, nothing_loads, tmp_path, capsys):
+    line = refused_number([f"{name}={HUGE}"], tmp_path, capsys)
+    assert f"{name} {HUGE}: must be" in line and "and at most" in line, line
+
+
 @pytest.mark.parametrize("argv, message", [pytest.param(*case, id=" ".join(case[0])) for case in BAD_COMBINATIONS])
 def test_numbers_that_cannot_work_together_are_refused(argv, message, nothing_loads, tmp_path, capsys):
     assert message in refused_number(argv, tmp_path, capsys)
@@ -354,11 +425,11 @@ def test_the_lab_and_evaluate_refuse_numbers_out_of_range(main, argv, message, n
 
 # ---- a finished run asked to resume: done if it is the same run, refused if not ----------------
 
-def resume_finished(hyperparameters, argv, folder, capsys):
-    """train.py --resume on a finished run whose results.json records `hyperparameters` →
-    (exit status, its line)."""
+def resume_finished(hyperparameters, argv, folder, capsys, **fields):
+    """train.py --resume on a finished run whose results.json records `hyperparameters` (and
+    `fields`) → (exit status, its line)."""
     folder.mkdir()
-    (folder / "results.json").write_text(json.dumps({"hyperparameters": hyperparameters}))
+    (folder / "results.json").write_text(json.dumps({"hyperparameters": hyperparameters, **fields}))
     return run_to_exit(train.main, ["--model", "tiny", "--epochs", "1", "--out", str(folder), "--resume", *argv],
                        capsys)
 
@@ -390,6 +461,32 @@ def test_a_finished_run_without_hyperparameters_is_refused(nothing_loads, tmp_pa
     assert status != 0 and "results.json: no hyperparameters" in line
 
 
+def test_a_finished_run_whose_record_is_damaged_is_refused(nothing_loads, tmp_path, capsys):
+    status, line = resume_finished(FINISHED, [], tmp_path / "run", capsys, data="massive")
+    assert status != 0 and line.endswith("results.json: data is 'massive', not an object; the file is damaged: "
+                                         "restore it, or train the run again"), line
+
+
+def test_a_finished_run_is_not_resumed_on_edited_sentences(nothing_loads, tmp_path, capsys):
+    """The same file name and flags, other sentences: refused by the digest of the split, as an
+    unfinished run is; on the sentences it trained on, it is done."""
+    own = tmp_path / "own.csv"
+    rows = [("wake me up at seven", "alarm"), ("is it raining", "weather"), ("set an alarm", "alarm"),
+            ("sunny tomorrow", "weather")] * 5
+    own.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    source = Source(str(own))
+    trained_on = describe(source, load_data(source))
+    own.write_text("text,label\n" + "".join(f"{text} please,{label}\n" for text, label in rows))
+    status, line = resume_finished(FINISHED, ["--data", str(own)], tmp_path / "run", capsys, data=trained_on)
+    assert status != 0 and f"cannot resume {tmp_path / 'run'}: {own} no longer holds the sentences it started on" \
+        in line, line
+    own.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    status, line = run_to_exit(train.main, ["--model", "tiny", "--epochs", "1", "--out", str(tmp_path / "run"),
+                                            "--resume", "--data", str(own)], capsys)
+    assert (status, line) == (0, f"{tmp_path / 'run'} is already complete: see its results.json (delete the folder "
+                                 "to train again)")
+
+
 # ---- --predict: an empty sentence is refused, not taken for none --------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -414,6 +511,37 @@ def test_predict_file_skips_blank_lines_and_refuses_a_blank_file(finished_run, t
     evaluate.main([str(finished_run), "--predict-file", str(tmp_path / "two.txt")])
     assert [row.split("\t")[2] for row in capsys.readouterr().out.strip().split("\n")] == [
         "wake me up\u2028at seven", "play\x0cjazz"]
+
+
+def test_predict_file_reads_past_a_byte_order_mark(finished_run, tmp_path, capsys):
+    (tmp_path / "marked.txt").write_text("\ufeffwake me up at seven\n", encoding="utf-8")
+    evaluate.main([str(finished_run), "--predict-file", str(tmp_path / "marked.txt")])
+    assert capsys.readouterr().out.strip().split("\t")[2] == "wake me up at seven"
+
+
+def test_predict_from_python_refuses_what_the_command_line_refuses(finished_run):
+    """minibert.load_run(...).predict: a blank sentence or one that is not text is refused by its
+    place in the list, never classified or passed on to the tokenizer."""
+    clf = minibert.load_run(finished_run, device="cpu")
+    with pytest.raises(ValueError, match=r"^sentence 1 is ' \\t': blank; give the text to classify, or leave it out$"):
+        clf.predict(["wake me up", " \t"])
+    with pytest.raises(TypeError, match="^sentence 2 is NoneType None, not a string; pass the text of each sentence$"):
+        clf.predict(["wake me up", "play jazz", None])
+    with pytest.raises(TypeError, match="^predict takes a list of sentences, not int; wrap one sentence in a list$"):
+        clf.predict(7)
+    with pytest.raises(ValueError, match="^batch_size 0: must be a whole number of at least 1$"):
+        clf.predict(["wake me up"], batch_size=0)
+    labels, probabilities = clf.predict(sentence for sentence in ["wake me up", "play jazz"])  # any iterable
+    assert len(labels) == 2 and probabilities.shape == (2, 2)
+
+
+def test_a_run_on_data_of_your_own_is_not_said_to_be_of_massive(tmp_path, capsys):
+    """Without its results.json, a run on data of your own is known by its label column all the same."""
+    run = write_run(tmp_path / "run", ("rain", "sun"), "topic")
+    own = tmp_path / "own.csv"
+    own.write_text("text,label\n" + "wake me up,alarm\nis it raining,weather\nplay jazz,music\n" * 10)
+    line = one_line_exit(evaluate.main, [str(run), "--data", str(own)], capsys)
+    assert "the run's 2 labels do not match the data's 3 topic labels; it was trained on data of your own" in line
 
 
 def test_a_warmup_longer_than_the_run_is_refused(tiny_model, small_massive, tmp_path):

@@ -205,7 +205,7 @@ def test_the_comparison_fails_when_query_and_key_are_swapped(transformers, full,
 
 @pytest.mark.parametrize("case, message", [
     ("missing run", "no such folder; pass a run folder written by train.py"),
-    ("folder not empty", "not empty; export never overwrites"),
+    ("folder not empty", "holds notes.txt that this command did not write, and it never overwrites"),
     ("folder a file", "a file, not a folder"),
 ])
 def test_bad_input_is_refused_in_one_line(case, message, full, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import evaluate
 import train
-from minibert import BertConfig, BertModel, evaluation
+from minibert import BertConfig, BertModel, evaluation, training
 from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from minibert.data import load_massive
 from minibert.losses import symmetric_kl
@@ -80,9 +80,10 @@ def test_symmetric_kl_is_r_drop_term():
 
 
 def built(model, data, out, *flags):
-    """train.py's run, set up and in training mode, as train_epoch() holds it."""
+    """train.py's run, set up and in training mode, as train_epoch() holds it: in fp32, which the
+    tests' recomputations use too."""
     run = train.setup(train.parse_args(["--model", str(model), "--data", str(data), "--out", str(out),
-                                        "--max-len", "16", *flags]))
+                                        "--max-len", "16", "--precision", "fp32", *flags]))
     run.trained.train()
     return run
 
@@ -143,7 +144,7 @@ def test_an_intent_supervised_run_reloads_and_predicts_labels(tiny_model, small_
 
 def test_supcon_on_intents_pairs_sentences_of_one_intent(tiny_model, small_massive, tmp_path, monkeypatch):
     positives = []
-    monkeypatch.setattr(train, "supcon_loss", lambda views, labels, *a: positives.append(labels) or views.sum())
+    monkeypatch.setattr(training, "supcon_loss", lambda views, labels, *a: positives.append(labels) or views.sum())
     data = load_massive(small_massive)
     for which in ("labels", "intents"):
         run = built(tiny_model, small_massive, tmp_path / which, "--experiment", "supcon", "--contrastive-labels",
@@ -212,7 +213,7 @@ def test_simclr_without_false_negatives_hides_same_label_views(tiny_model, small
     seen = []
     loss = minibert.losses.supcon_loss
     monkeypatch.setattr(minibert.losses, "supcon_loss",
-                        lambda *a, **k: (seen.append(k.get("unseen")), loss(*a, **k))[1])
+                        lambda *a, **k: (seen.append(k.get("left_out")), loss(*a, **k))[1])
     common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--experiment", "simclr",
               "--contrastive-epochs", "1", "--epochs", "1", "--no-test"]
     run = train.setup(train.parse_args([*common, "--out", str(tmp_path / "a"), "--simclr-negatives", "other-labels"]))

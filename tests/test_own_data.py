@@ -226,7 +226,7 @@ def bad_case(tmp_path, name):
         expect = f"{path}:7: 3 fields"  # the header, a row, two lines of one row, two rows, then it
     elif name == "open-quote":
         path.write_text('text,label\n"' + "never closed " * 11_000 + ",alarm\n")
-        return ["--data", str(path)], f"{path}:2: field larger than field limit"
+        return ["--data", str(path)], f"{path}:2: unexpected end of data; a quote left open?"
     elif name in ("quote-then-text", "tsv-quote-then-text"):
         path = tmp_path / ("data.tsv" if name.startswith("tsv") else "data.csv")
         sep = "\t" if name.startswith("tsv") else ","
@@ -277,6 +277,17 @@ def test_bad_own_data_is_one_line(name, tmp_path, capsys):
     line = one_line_exit(train.main, [*TINY, *flags, "--out", str(tmp_path / "run")], capsys)
     assert expect in line, line
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_a_sentence_longer_than_the_csv_modules_field_limit_reads_as_in_jsonl(tmp_path):
+    """csv's default field limit (131,072 characters) is no limit of a sentence: the CSV reads as
+    the JSONL of the same rows does (the tokenizer keeps the first --max-len word-pieces)."""
+    rows = [["wake " * 30_000 + "up", "alarm"], *GOOD]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    read = [load_data(Source(str(path))) for path in (write_csv(tmp_path / "long.csv", ["text", "label"], rows),
+                                                      tmp_path / "long.jsonl")]
+    texts = [[(e.text, e.label) for e in data.train + data.dev + data.test] for data in read]
+    assert texts[0] == texts[1] and max(len(text) for text, _ in texts[0]) == len(rows[0][0])
 
 
 def test_a_massive_file_refuses_the_options_of_your_own_data(massive_slice, tmp_path, capsys):

@@ -172,12 +172,12 @@ def test_false_negative_check_catches_the_partner_view_left_out(monkeypatch):
 
     loss = supcon_loss
 
-    def partner_left_out(features, labels=None, temperature=0.07, base_temperature=0.07, unseen=None):
-        if unseen is None:
+    def partner_left_out(features, labels=None, temperature=0.07, base_temperature=0.07, left_out=None):
+        if left_out is None:
             return loss(features, labels, temperature, base_temperature)
         B, V, D = features.shape
         z = F.normalize(features.double(), dim=-1).transpose(0, 1).reshape(V * B, D)
-        ids, hidden = torch.arange(B).repeat(V), unseen.repeat(V)
+        ids, hidden = torch.arange(B).repeat(V), left_out.repeat(V)
         logits = z @ z.T / temperature
         counted = ~torch.eye(V * B, dtype=torch.bool) & (hidden[:, None] != hidden[None, :])
         positive = (ids[:, None] == ids[None, :]) & ~torch.eye(V * B, dtype=torch.bool)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from minibert import classifier, evaluation, model
+from minibert import classifier, evaluation, model, training
 from minibert.fast import Replay
 from tests import test_train
 from tests import test_training_loop as loop
@@ -131,10 +131,10 @@ def test_dev_best_check_catches_a_comparison_with_the_last_epoch(small_massive, 
 
 
 def r_drop_kl_unscaled_across_processes():
-    """R-Drop's KL summed over a process's share of the batch and divided by the whole batch's
-    size, without the world factor that the cross-entropy gets: DDP's average then halves it."""
-    kl = train.symmetric_kl
-    train.symmetric_kl = lambda first, second: kl(first, second) / int(os.environ.get("WORLD_SIZE", "1"))
+    """R-Drop's KL divided by the number of processes where the whole loss is weighed by the
+    process's share: DDP's average then counts it too little."""
+    kl = training.symmetric_kl
+    training.symmetric_kl = lambda first, second: kl(first, second) / int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def test_two_process_check_catches_an_unscaled_r_drop(tiny_model, small_massive, tmp_path, monkeypatch):

@@ -1,11 +1,12 @@
 """SWA runs as torch.optim.swa_utils' documented loop has it, epoch by epoch.
 
-torch's recipe, transcribed literally below: after each epoch, `if epoch > swa_start:
-swa_model.update_parameters(model); swa_scheduler.step()`, else the ordinary scheduler steps
-(here the linear or cosine schedule, which steps after every optimizer step). A tiny model is trained
-twice from the same start on the same batches: once by that loop (AveragedModel, SWALR,
-LambdaLR), once with train.py's `learning_rate` and `averages_after` and minibert's
-WeightAverage. The learning rate of every step, the weights after every epoch and the average
+torch's recipe, written out below with its own classes: after each epoch, `if epoch > swa_start:
+swa_model.update_parameters(model); swa_scheduler.step()`. Where torch's example steps its ordinary
+scheduler once per epoch, this loop steps LambdaLR after every optimizer step, as the linear and
+cosine schedules do. A tiny model is trained twice from the same start on the same batches: once by
+that loop (AveragedModel, SWALR, LambdaLR), once by a loop written here with minibert's
+`learning_rate`, `averages_after` and WeightAverage, as train.py calls them (a second test checks
+the rates train.py itself records). The learning rate of every step, the weights after every epoch and the average
 must agree, for the `swa` and the `both` presets and the contrastive rows' SWA-and-cosine variant.
 """
 
@@ -117,7 +118,7 @@ def test_swa_loop_fails_when_averaging_one_epoch_early(monkeypatch):
     config = CONFIGS["swa"]
     lrs, _, average, n = torch_recipe(config)
     monkeypatch.setattr(schedule, "averages_after",
-                        lambda c, epoch: c.swa and epoch >= schedule.swa_start_epoch(c))
+                        lambda c, epoch: c.swa and epoch >= schedule.last_epoch_before_swa(c))
     _, _, our_average, our_n = minibert_loop(config)
     assert our_n == n + 1
     assert not all(torch.allclose(our_average[p], v, atol=1e-6) for p, v in average.items())

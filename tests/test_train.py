@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 import train
 from minibert import device
 from minibert.runs import read_json
+from tests import cpu
 from tests.cases import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,17 +202,22 @@ def test_resume_with_other_hyperparameters_is_refused(small_massive, minilm_dir,
         train.main(args(small_massive, tmp_path, "--resume", "--lr", "1e-3"))
 
 
-def test_resume_with_other_precision_or_processes_is_refused(small_massive, minilm_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("started_on, resumed_on", [("fp32-only", "native-bf16"), ("native-bf16", "fp32-only")])
+def test_resume_with_other_precision_or_processes_is_refused(started_on, resumed_on, small_massive, minilm_dir,
+                                                             tmp_path, monkeypatch):
+    """A run started with the default precision on one kind of CPU, resumed with the same flags on
+    the other kind, where the default differs: refused, with the flag that resumes it."""
+    started, other = ("fp32", "bf16") if started_on == "fp32-only" else ("bf16", "fp32")
     stop_after_first_epoch(monkeypatch)
+    cpu.answer_as(started_on, monkeypatch)
     with pytest.raises(SystemExit, match="interrupted"):
         train.main(args(small_massive, tmp_path))
     monkeypatch.undo()
-    with pytest.raises(SystemExit, match="trained with precision fp32, not bf16"):
-        train.main(args(small_massive, tmp_path, "--resume", "--precision", "bf16"))
-    # The same flags on a CPU where auto decides bf16: the run it resumes was fp32.
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    monkeypatch.setattr(device, "bf16_pays_off", lambda device: True)
-    with pytest.raises(SystemExit, match="trained with precision fp32, not bf16; pass --precision fp32 to resume"):
+    with pytest.raises(SystemExit, match=f"trained with precision {started}, not {other}"):
+        train.main(args(small_massive, tmp_path, "--resume", "--precision", other))
+    cpu.answer_as(resumed_on, monkeypatch)
+    with pytest.raises(SystemExit, match=f"trained with precision {started}, not {other}; pass --precision {started} "
+                                         "to resume"):
         train.main(args(small_massive, tmp_path, "--resume"))
     monkeypatch.undo()
     from minibert.runs import checkpoint_state, load_tensors, save_tensors
@@ -233,14 +240,14 @@ def stop_after_first_epoch(monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(small_massive, minilm_dir, tmp_path, monkeypatch):
-    real, calls = train.F.cross_entropy, []
+    real, calls = F.cross_entropy, []
 
     def poisoned(logits, labels, **kwargs):
         calls.append(1)
         loss = real(logits, labels, **kwargs)
         return loss * float("nan") if len(calls) > 8 else loss  # epoch 2, step 3
 
-    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
     with pytest.raises(SystemExit, match=r"loss became nan at epoch 2.*checkpoint of epoch 1 is kept"):
         train.main(args(small_massive, tmp_path))
     assert (tmp_path / "checkpoint.safetensors").exists()
@@ -284,9 +291,9 @@ def test_the_default_precision_is_bf16_where_the_cpu_runs_it(avx512_bf16, amx, f
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)  # as torch would report
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)             # such a CPU
     monkeypatch.setattr(device, "bf16_pays_off", lambda device: faster)
-    cpu = torch.device("cpu")
-    assert device.pick_precision(cpu, "auto") == expected
-    assert device.pick_precision(cpu, "fp32") == "fp32" and device.pick_precision(cpu, "bf16") == "bf16"
+    here = torch.device("cpu")
+    assert device.pick_precision(here, "auto") == expected
+    assert device.pick_precision(here, "fp32") == "fp32" and device.pick_precision(here, "bf16") == "bf16"
 
 
 def test_under_torchrun_process_0_decides_the_precision(monkeypatch):
@@ -393,7 +400,7 @@ def check_two_processes_compute_one_process_gradient(stage2, extra, tiny_model, 
     from safetensors.torch import load_file
 
     common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--drop-rate", "0",
-              "--stage2", stage2, *extra]
+              "--stage2", stage2, "--precision", "fp32", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     subprocess.run([sys.executable, "tests/one_step.py", str(tmp_path / "one.safetensors"), *common,
                     "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True, capture_output=True)
@@ -408,7 +415,7 @@ def test_two_gloo_processes_match_one(tiny_model, small_massive, tmp_path):
     """torchrun with 2 CPU processes, each on half of every batch, ends where one process does,
     and records the whole batch's loss, not the first process's share."""
     common = ["--model", str(tiny_model), "--data", str(small_massive), "--max-len", "16", "--epochs", "2",
-              "--drop-rate", "0", "--lr", "1e-3", "--experiment", "swa", "--swa-start", "0"]
+              "--drop-rate", "0", "--lr", "1e-3", "--experiment", "swa", "--swa-start", "0", "--precision", "fp32"]
     one = train.main([*common, "--out", str(tmp_path / "one")])
     torchrun(str(ROOT / "train.py"), *common, "--out", str(tmp_path / "two"))
     a, b = read_json(one / "results.json"), read_json(tmp_path / "two" / "results.json")
