@@ -12,7 +12,7 @@ SEED   ?= 0
 DEVICE ?= auto
 FLAGS  ?=
 
-.PHONY: install weights compact-weights data test reference
+.PHONY: install weights compact-weights data walkthrough test reference
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -29,11 +29,17 @@ compact-weights: install
 	test -f weights/$(MODEL)-fp16/model.safetensors || $(PY) -m minibert weights $(MODEL) --compact weights/$(MODEL)-fp16
 
 data: install
-	$(PY) -m minibert.data
+	$(PY) -m minibert data
+
+# One baseline training step on one sentence, printed file by file (SENTENCE= to change it).
+SENTENCE ?= wake me up at seven
+walkthrough: install
+	$(PY) -m minibert weights all-MiniLM-L6-v2
+	$(PY) -m minibert walkthrough '$(subst ','\'',$(SENTENCE))'
 
 test: install
 	$(PY) -m minibert weights all-MiniLM-L6-v2
-	$(PY) -m minibert.data || echo "MASSIVE not in place: the tests that need it are skipped"
+	$(PY) -m minibert data || echo "MASSIVE not in place: the tests that need it are skipped"
 	$(PY) -m pytest
 
 reference: install

@@ -5,12 +5,10 @@
     python train.py --experiment baseline --resume         # continue an interrupted run
 
 A preset (minibert/experiments.py) fixes the paper's hyperparameters; every flag overrides it.
-Records go to runs/<experiment>-<model>-s<seed>/, or runs/<experiment>-<model>-<file>-s<seed>/ for a
-file of your own (see minibert/runs.py).
-
-The script reads top to bottom in three parts: setup() builds the run (or restores it from its
-checkpoint), train_epoch() is the loop (forward, loss, backward, clip, step, schedule, log),
-finish() evaluates and writes the records.
+Records go to runs/<experiment>-<model>-s<seed>/ (minibert/runs.py). Top to bottom: setup()
+builds the run, or restores it from its checkpoint; train_epoch() sets each step's rate and takes
+the step (minibert/training.py: forward, loss, backward, clip, AdamW); end_of_epoch() evaluates on
+dev and writes the checkpoint; finish() evaluates on test and writes the records.
 """
 
 import argparse
@@ -20,7 +18,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -28,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minibert.classifier import ContrastiveModel, ScenarioClassifier, layer_groups
+from minibert.classifier import ContrastiveModel, ScenarioClassifier
 from minibert.cli import Parser
 from minibert.data import Source, add_data_flags, batch_order, describe, encode, load_data, source_from, to_device
-from minibert.device import (autocast_and_scaler, pick_compile, pick_device, pick_fast, pick_precision,
+from minibert.device import (add_device_flags, autocast_and_scaler, pick_compile, pick_device, pick_fast, pick_precision,
                              setup_distributed, world_size)
 from minibert.evaluation import contrastive_record, evaluate
 from minibert.experiments import MAX_STEPS, TrainConfig, add_config_flags, config_from
@@ -43,23 +41,14 @@ from minibert.runs import (RunComplete, WriteError, check_resumable, check_run_d
 from minibert.schedule import averages_after, learning_rate
 from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
-from minibert.training import (Batch, adamw, build_models, fp16_step, learner_for, loss_for, set_learning_rate,
-                               train_step)
+from minibert.training import (Batch, build_models, dropout_seed, fp16_step, learner_for, loss_for, optimizer_for,
+                               set_learning_rate, train_step)
 
 
 def parse_args(argv=None):
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
     add_config_flags(p)  # --experiment, and a flag for each TrainConfig field
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="auto (the default): cuda, then mps, then cpu")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="the fast path: batches padded to --max-len, nothing that waits for the device, and on a GPU "
-                        "the whole step replayed from one CUDA graph (on the CPU the same step runs eagerly). "
-                        "Default: on for one GPU process in bf16 or fp32, off elsewhere")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="on the GPU's fast path, compile each encoder layer with torch.compile (fewer, fused kernels "
-                        "in the recorded step; the first steps of each shape wait for the compiler). Default: on "
-                        "with the fast path on a GPU")
+    add_device_flags(p)  # --device, --fast, --compile
     add_data_flags(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<model>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
@@ -165,8 +154,7 @@ def setup(args):
     data = load_data(source, labels=config.labels)
     config.check_data(data.has_intents)  # MASSIVE's intents, for the levers that use them
     model, contrastive, tokenizer = build_models(config, data, rank, world)
-    trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})})
-    trained.to(device)
+    trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})}).to(device)
     if fast and device.type == "cuda":
         for_the_graph(model.encoder, compile=compiled)  # fewer, larger kernels for the recorded step
     learner = learner_for(model, config.stage2, world)
@@ -216,19 +204,9 @@ def restore(run):
 
 
 def make_optimizer(run, contrastive_stage):
-    """AdamW over what trains in this stage: the encoder and projection head (contrastive), or
-    the classifier (a probe trains its head alone), in groups by layer with --layer-decay."""
-    if contrastive_stage:
-        module = run.trained["contrastive"]
-    elif run.config.stage2 == "probe":
-        module = run.model.head
-    else:
-        module = run.model
-    params = [p for p in module.parameters() if p.requires_grad]
-    if run.config.layer_decay < 1 and not contrastive_stage:
-        params = layer_groups(module, run.model.encoder.config.num_hidden_layers, run.config.layer_decay)
+    """A new AdamW over what trains in this stage (training.optimizer_for)."""
     run.replay = None  # a recorded step belongs to the optimizer it was recorded with
-    return adamw(params, run.config, run.device, run.fast)
+    return optimizer_for(run.model, run.contrastive, run.config, contrastive_stage, run.device, run.fast)
 
 
 # ---- one epoch: the rate, the step, the log ------------------------------------------------------
@@ -244,9 +222,7 @@ def train_epoch(run, epoch):
     # The shuffle depends on (seed, epoch) alone, so a resumed run sees the same batches.
     order = batch_order(run.splits["train"], config.batch_size,
                         torch.Generator().manual_seed(config.seed * 1000 + epoch), bucket=config.bucket)
-    # Dropout draws from a stream fixed by (seed, epoch, process), so a resumed run, which
-    # restarts at an epoch boundary, draws exactly what the uninterrupted run drew.
-    torch.manual_seed(config.seed * 1000 + epoch + 1_000_003 * run.rank)
+    torch.manual_seed(dropout_seed(config.seed, epoch, run.rank))
     started = time.perf_counter()
     if not run.totals:  # made once: a recorded step adds into these very tensors
         run.totals = (torch.zeros((), device=run.device), torch.zeros((), device=run.device, dtype=torch.long))
@@ -308,7 +284,11 @@ def shard_on_device(run, index):
 def log_progress(run, epoch, i, order, lr, window):
     """A progress line after step i; → the next window (no sentences yet, the clock now)."""
     config, stage1 = run.config, run.config.stage1_epochs
-    mean_loss = check_finite(run.totals[0].item() / i, epoch, i, run.run_dir)
+    mean_loss = run.totals[0].item() / i
+    if not math.isfinite(mean_loss):
+        kept = f"the checkpoint of epoch {epoch} is kept in {run.run_dir}" if epoch else "no epoch had completed"
+        raise ValueError(f"the loss became {mean_loss} at epoch {epoch + 1} step {i}; stopping. {kept}. Try a "
+                         "lower --lr, or --precision fp32/bf16 instead of fp16.")
     rate = window[0] / (time.perf_counter() - window[1])
     eta = (len(order) - i) * config.batch_size / rate
     run.log(f"epoch {epoch + 1}/{stage1 + config.epochs} step {i}/{len(order)} loss {mean_loss:.4f} "
@@ -362,9 +342,7 @@ def stage1_record(run):
     if run.main_process:
         save_tensors(run.run_dir / "projection.safetensors", run.contrastive.projection.state_dict())
     splits = {split: run.splits[split] for split in ("dev",) + (() if run.args.no_test else ("test",))}
-    if run.config.contrastive_labels == "intents":  # the positives stage 1 trained with
-        splits = {split: replace(encoded, labels=run.intents[split]) for split, encoded in splits.items()}
-    return contrastive_record(run.contrastive, splits, run.device, run.config)
+    return contrastive_record(run.contrastive, splits, run.device, run.config, run.intents)
 
 
 # ---- finish: test, and the records --------------------------------------------------------------
@@ -414,14 +392,6 @@ def select_dev_best(run):
     run.log(f"kept epoch {record['epoch']} (best dev accuracy {record['dev']['accuracy']:.4f})"
             + (f": test accuracy {record['test']['accuracy']:.4f}" if record["test"] else ""))
     return record
-
-
-def check_finite(loss, epoch, step, run_dir):
-    if not math.isfinite(loss):
-        kept = f"the checkpoint of epoch {epoch} is kept in {run_dir}" if epoch else "no epoch had completed"
-        raise ValueError(f"the loss became {loss} at epoch {epoch + 1} step {step}; stopping. "
-                         f"{kept}. Try a lower --lr, or --precision fp32/bf16 instead of fp16.")
-    return loss
 
 
 if __name__ == "__main__":

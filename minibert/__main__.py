@@ -1,11 +1,12 @@
-"""python -m minibert weights [MODEL] [--compact DIR]: fetch and verify pretrained weights.
+"""python -m minibert data: put MASSIVE en-US in place (from MASSIVE_JSONL or the official tarball).
+python -m minibert weights [MODEL] [--compact DIR]: fetch and verify pretrained weights.
 python -m minibert export RUN FOLDER: write a trained run as a folder transformers' BertModel loads.
 python -m minibert walkthrough SENTENCE [--label alarm]: one sentence through one training step, printed."""
 
 import sys
 
 from .cli import Parser
-from .data import SCENARIOS
+from .data import SCENARIOS, fetch_massive
 from .export import export_run
 from .fetch import DownloadError
 from .runs import check_out
@@ -15,8 +16,10 @@ from .weights import resolve, write_compact
 
 def main(argv=None):
     p = Parser(prog="python -m minibert",
-               description="Fetch pretrained weights, export a trained run, or walk through one training step.")
+               description="Fetch the data or pretrained weights, export a trained run, or walk through one "
+                           "training step.")
     commands = p.add_subparsers(dest="command", required=True)
+    commands.add_parser("data", help="put MASSIVE en-US in place, checked by sha256")
     weights = commands.add_parser("weights", help="fetch and verify pretrained weights")
     weights.add_argument("model", nargs="?", default="auto", help="auto, a model name, or a folder")
     weights.add_argument("--compact", metavar="DIR", help="also write an fp16 copy of the model folder to DIR")
@@ -32,7 +35,9 @@ def main(argv=None):
     walk.add_argument("--seed", type=int, default=0, help="the head's weights and the dropout (default: 0)")
     args = p.parse_args(argv)
     try:
-        if args.command == "weights":
+        if args.command == "data":
+            print(fetch_massive())
+        elif args.command == "weights":
             if args.compact:  # before anything is fetched
                 check_out(args.compact, "pass --compact a new or empty folder")
             print(resolve(args.model)[1])

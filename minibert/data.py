@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field, fields, replace
@@ -528,8 +527,3 @@ def fetch_massive(dest=None, source=None, url=TARBALL_URL, tarball_sha256=TARBAL
     return dest
 
 
-if __name__ == "__main__":
-    try:
-        print(fetch_massive())
-    except (DownloadError, ValueError, OSError) as e:
-        sys.exit(f"minibert.data: could not put MASSIVE in place: {e}")

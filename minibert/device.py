@@ -7,6 +7,7 @@ evaluate.py; the model code never asks.
     fast path   on for one GPU process in bf16 or fp32 (minibert/fast.py), its layers compiled
 """
 
+import argparse
 import os
 import platform
 import resource
@@ -17,6 +18,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+def add_device_flags(parser):
+    """train.py's flags for where and how a run computes: --device, --fast, --compile."""
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="auto (the default): cuda, then mps, then cpu")
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                        help="the fast path: batches padded to --max-len, nothing that waits for the device, and on a "
+                             "GPU the whole step replayed from one CUDA graph (on the CPU the same step runs eagerly). "
+                             "Default: on for one GPU process in bf16 or fp32, off elsewhere")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="on the GPU's fast path, compile each encoder layer with torch.compile (fewer, fused "
+                             "kernels in the recorded step; the first steps of each shape wait for the compiler). "
+                             "Default: on with the fast path on a GPU")
 
 
 def pick_device(name):

@@ -2,6 +2,7 @@
 
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -168,12 +169,15 @@ def contrastive_metrics(contrastive, encoded, device, labelled, temperature):
     return {"loss": sum(losses) / len(losses), "loss_paper_sum": sum(losses), "n_batches": len(losses)}
 
 
-def contrastive_record(contrastive, splits, device, config):
+def contrastive_record(contrastive, splits, device, config, intents=None):
     """The contrastive_metrics of each split as a run records them at the end of stage 1:
     {split}_contrastive_loss and {split}_contrastive_loss_paper_sum. Each split's two views come
-    from their own fixed dropout stream, so a re-run draws the same views."""
+    from their own fixed dropout stream, so a re-run draws the same views. The positives are those
+    stage 1 trained with: the labels, or with --contrastive-labels intents, `intents` (split → ids)."""
     record = {}
     for split, encoded in splits.items():
+        if config.contrastive_labels == "intents":
+            encoded = replace(encoded, labels=intents[split])
         torch.manual_seed(config.seed * 1000 + 999_999)
         metrics = contrastive_metrics(contrastive, encoded, device, config.loss == "supcon", config.temperature)
         record.update({f"{split}_contrastive_loss": metrics["loss"],

@@ -2,7 +2,7 @@
 
     the paper's step    train_step: forward, loss (paper_loss), backward, clip, AdamW
     the rate            set_learning_rate, before each step, from schedule.learning_rate
-    the optimizer       adamw: AdamW over what trains, in layer groups with --layer-decay
+    the optimizer       optimizer_for: AdamW (adamw) over what trains, in layer groups with --layer-decay
 
 Each option changes one thing, and is picked once, when the run is set up (loss_for and learner_for here, fp16_step by train.py):
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .classifier import ContrastiveModel, ScenarioClassifier
+from .classifier import ContrastiveModel, ScenarioClassifier, layer_groups
 from .lora import apply_lora
 from .losses import simclr_loss, supcon_loss, symmetric_kl
 from .weights import load_pretrained, read_config
@@ -87,6 +87,27 @@ def set_learning_rate(optimizer, lr):
             group["lr"].fill_(rate)
         else:
             group["lr"] = rate
+
+
+def optimizer_for(model, contrastive, config, contrastive_stage, device, fast=False):
+    """AdamW over what trains in this stage: the encoder and projection head (`contrastive`), or the
+    classifier `model` (a probe trains its head alone), in groups by layer with --layer-decay."""
+    if contrastive_stage:
+        module = contrastive
+    elif config.stage2 == "probe":
+        module = model.head
+    else:
+        module = model
+    params = [p for p in module.parameters() if p.requires_grad]  # not a frozen pooler or LoRA base
+    if config.layer_decay < 1 and not contrastive_stage:
+        params = layer_groups(module, model.encoder.config.num_hidden_layers, config.layer_decay)
+    return adamw(params, config, device, fast)
+
+
+def dropout_seed(seed, epoch, rank=0):
+    """The seed of an epoch's dropout stream, fixed by (seed, epoch, process), so that a resumed
+    run, which restarts at an epoch boundary, draws exactly what the uninterrupted run drew."""
+    return seed * 1000 + epoch + 1_000_003 * rank
 
 
 def adamw(params, config, device, fast=False):

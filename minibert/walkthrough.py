@@ -2,7 +2,7 @@
 
     python -m minibert walkthrough "wake me up at seven" [--label alarm] [--model all-MiniLM-L6-v2] [--seed 0]
 
-Every number comes from the functions train.py calls (build_models, adamw, learning_rate,
+Every number comes from the functions train.py calls (build_models, optimizer_for, learning_rate,
 set_learning_rate, train_step, paper_loss), in train.py's order, so the loss and logits printed
 are those of train.py's first step on a data set whose first batch is this one sentence. The
 forward pass of sections 2 and 3 runs with dropout off, so that it can be checked by hand; the
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .data import SCENARIOS, Dataset, Example, encode
 from .experiments import PRESETS
 from .schedule import learning_rate
-from .training import Batch, adamw, build_models, paper_loss, set_learning_rate, train_step
+from .training import Batch, build_models, dropout_seed, optimizer_for, paper_loss, set_learning_rate, train_step
 
 HEAD = 0  # the attention head whose [CLS] row section 3 shows
 
@@ -28,8 +28,7 @@ def walkthrough(sentence, label="alarm", model="all-MiniLM-L6-v2", seed=0):
     config.check()
     data = Dataset(train=[Example(sentence, label)], dev=[], test=[], labels=SCENARIOS)
     classifier, _, tokenizer = build_models(config, data, rank=0, world=1)  # torch.manual_seed(seed) inside
-    # train.py's make_optimizer: AdamW over every weight that trains (the pooler does not).
-    optimizer = adamw([p for p in classifier.parameters() if p.requires_grad], config, torch.device("cpu"))
+    optimizer = optimizer_for(classifier, None, config, contrastive_stage=False, device=torch.device("cpu"))
     encoded = encode(tokenizer, data.train, data.label_ids(data.train), config.max_len)
     input_ids, attention_mask, labels = encoded.batch(torch.tensor([0]))  # one sentence: no padding, no mask
     batch = Batch(input_ids, attention_mask, labels, intents=torch.zeros_like(labels))
@@ -44,8 +43,7 @@ def walkthrough(sentence, label="alarm", model="all-MiniLM-L6-v2", seed=0):
         x = show_embeddings(classifier.encoder, input_ids)
         show_layers(classifier.encoder, x, words)
     classifier.train()
-    # train.py's train_epoch: seed · 1000 + epoch (0) + 1_000_003 · process (0), just before the first step.
-    torch.manual_seed(config.seed * 1000)
+    torch.manual_seed(dropout_seed(config.seed, epoch=0))  # as train.py's train_epoch, before the first step
     lr = learning_rate(config, epoch=0, step=0, steps_per_epoch=1)
     set_learning_rate(optimizer, lr)
     before = {name: p.detach().clone() for name, p in classifier.named_parameters() if p.requires_grad}

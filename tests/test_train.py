@@ -226,7 +226,7 @@ def test_resume_with_other_precision_or_processes_is_refused(started_on, resumed
     state = checkpoint_state(tmp_path / "checkpoint.safetensors")
     save_tensors(tmp_path / "checkpoint.safetensors", tensors, {"state": json.dumps({**state, "processes": 2})})
     with pytest.raises(SystemExit, match="trained with processes 2, not 1"):
-        train.main(args(small_massive, tmp_path, "--resume"))
+        train.main(args(small_massive, tmp_path, "--resume", "--precision", started))
 
 
 def stop_after_first_epoch(monkeypatch):
