@@ -37,10 +37,14 @@ walkthrough: install
 	$(PY) -m minibert weights all-MiniLM-L6-v2
 	$(PY) -m minibert walkthrough '$(subst ','\'',$(SENTENCE))'
 
+# The training tests run twice: as this machine's CPU, then as the other kind (tests/cpu), whose
+# default precision differs: bf16 where the CPU runs it natively (AVX512-BF16, AMX), fp32 elsewhere.
+OTHER_CPU_TESTS := tests/test_train.py tests/test_levers.py tests/test_planted_bugs_net.py
 test: install
 	$(PY) -m minibert weights all-MiniLM-L6-v2
 	$(PY) -m minibert data || echo "MASSIVE not in place: the tests that need it are skipped"
 	$(PY) -m pytest
+	$(PY) -m pytest --cpu other $(OTHER_CPU_TESTS)
 
 reference: install
 	$(PY) -m pip install -e '.[reference]'

@@ -6,6 +6,7 @@ library code is untouched) and the check, with its own tolerance, must raise Ass
 """
 
 import os
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -143,3 +144,22 @@ def test_two_process_check_catches_an_unscaled_r_drop(tiny_model, small_massive,
         test_train.check_two_processes_compute_one_process_gradient(
             "finetune", ["--supervise", "intents", "--rdrop", "4", "--drop-rate", "0.5"], tiny_model, small_massive,
             tmp_path)
+
+
+def test_bf16_check_catches_gradients_cleared_before_adamw(fp32_reference, small_massive, tmp_path, monkeypatch):
+    """zero_grad moved between backward and AdamW: every gradient is gone when AdamW steps, and the
+    bf16 run trains nothing. The bf16 tolerance (MIXED_TOLERANCE, from bf16's 8-bit mantissa)
+    still tells it from fp32's trajectory."""
+
+    def cleared(model, optimizer, batch, loss, max_grad_norm=0.0, autocast=nullcontext):
+        with autocast():
+            value, outputs = loss(model, batch)
+        value.backward()
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        return value.detach(), outputs
+
+    monkeypatch.setattr(train, "train_step", cleared)
+    run = train.main(test_train.tiny(small_massive, tmp_path, *test_train.MIXED_RECIPE, "--precision", "bf16"))
+    with pytest.raises(AssertionError, match=r"epoch \d: train loss"):
+        test_train.check_trains_like_fp32(run, fp32_reference, test_train.MIXED_TOLERANCE)

@@ -630,7 +630,7 @@ MIXED_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def fp32_reference(small_massive, tmp_path_factory):
-    return train.main(tiny(small_massive, tmp_path_factory.mktemp("fp32") / "run", *MIXED_RECIPE))
+    return train.main(tiny(small_massive, tmp_path_factory.mktemp("fp32") / "run", *MIXED_RECIPE, "--precision", "fp32"))
 
 
 def check_trains_like_fp32(mixed, full, tolerance):
