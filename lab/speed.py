@@ -2,6 +2,7 @@
 
     python -m lab.speed                      # CPU: all-MiniLM-L6-v2 on real MASSIVE batches
     python -m lab.speed --steps 15 --rounds 3 --precision fp32 bf16
+    python -m lab.speed --profile            # where the time of minibert's own step goes
 
 Every system trains the paper's classifier (the [CLS] vector, dropout, the 10-unit head) on the
 same MASSIVE train batches, batch 16, at most 20 word-pieces, each batch padded to its longest
@@ -14,22 +15,31 @@ grouping is compared like with like: transformers on batches grouped as Trainer'
 
 Rounds alternate between the systems so that a noisy neighbour slows all of them alike; the
 median round is reported. Each training row also prints the matmul work it achieved (GFLOP/s)
-beside the machine's matmul peak measured here, so the distance to the limit shows.
+beside the machine's matmul peak measured here (Peaks), so the distance to the limit shows.
+
+--profile takes minibert's own step as train.py takes it (the baseline preset: training.train_step
+with paper_loss, fused AdamW) under torch.profiler, and prints per precision where its operators'
+self CPU time goes, in groups (GROUPS), each beside the floor this machine's peaks set for it.
 """
 
 import argparse
 import platform
 import time
+from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from minibert.classifier import ScenarioClassifier
 from minibert.data import batch_order, encode, load_massive
 from minibert.device import cpu_model
+from minibert.experiments import PRESETS
+from minibert.training import Batch, build_models, optimizer_for, paper_loss, train_step
 from minibert.weights import load_pretrained, resolve
 
 
@@ -60,24 +70,65 @@ def grouped_by_length(encoded, batch_size, generator):
     return batches
 
 
-def matmul_flops(config, batch):
+def matmul_flops(config, input_ids):
     """Matmul FLOPs of one training step (forward and backward, 3x the forward) on a batch of
     (B, T) tokens: per layer the Q, K, V, output and two feed-forward projections, and the two
-    attention products."""
-    B, T = batch[0].shape
+    attention products. The head's products are left out: a floor, never more than the work."""
+    B, T = input_ids.shape
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     forward = L * (2 * B * T * (4 * H * H + 2 * H * I) + 2 * 2 * B * T * T * H)
     return 3 * forward
 
 
-def matmul_peak(dtype, n=1024, repeats=20):
-    """GFLOP/s of a large square matmul in `dtype`: what this CPU's cores can do at best."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - started) / 1e9
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Peaks:
+    """The best this CPU has shown, on the threads the step uses (torch.get_num_threads()): matmul
+    GFLOP/s per precision, and copy bandwidth (bytes read + written per second).
+
+    One measurement can fall on a moment when a neighbour holds the cores, and then a step timed
+    at a quieter moment beats the "peak" (a report showed 120 % of it). So each call of measure()
+    is one more try, called between the timed rounds, and the best try is kept: a busy moment
+    only lowers a try. A matmul try times a 1024 x 1024 square and the step's own feed-forward
+    product, (16 x 20, H) @ (H, I), once each, and keeps the faster: on a CPU that emulates bf16
+    the square is the slower of the two. A copy try copies a 128 MiB tensor, larger than any cache,
+    as the optimizer's passes over the weights are."""
+
+    def __init__(self, config, precisions, n=1024):
+        shapes = [((n, n), (n, n)), ((16 * 20, config.hidden_size), (config.hidden_size, config.intermediate_size))]
+        self.products = {p: [(torch.randn(*a).to(DTYPES[p]), torch.randn(*b).to(DTYPES[p])) for a, b in shapes]
+                         for p in precisions}
+        self.source = torch.randn(32 * 2 ** 20)
+        self.target = torch.empty_like(self.source)
+        self.gflops = dict.fromkeys(precisions, 0.0)
+        self.copy_gbps = 0.0
+        self.tries = 0
+        for pairs in self.products.values():  # the first product of a shape pays for its setup
+            for a, b in pairs:
+                a @ b
+        self.target.copy_(self.source)
+
+    def measure(self):
+        for precision, pairs in self.products.items():
+            for a, b in pairs:
+                started = time.perf_counter()
+                a @ b
+                rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - started) / 1e9
+                self.gflops[precision] = max(self.gflops[precision], rate)
+        started = time.perf_counter()
+        self.target.copy_(self.source)
+        moved = 2 * self.source.nbytes  # read once, written once
+        self.copy_gbps = max(self.copy_gbps, moved / (time.perf_counter() - started) / 1e9)
+        self.tries += 1
+
+    def describe(self):
+        (a, b), (c, d) = self.products[next(iter(self.products))]
+        return ("matmul peak " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in self.gflops.items())
+                + f", copy {self.copy_gbps:.1f} GB/s (read + written); each the best of {self.tries} tries, one "
+                f"before each round and one after the last, on {torch.get_num_threads()} threads; a matmul try: "
+                f"{a.shape[0]}x{a.shape[1]} @ {b.shape[0]}x{b.shape[1]} and {c.shape[0]}x{c.shape[1]} @ "
+                f"{d.shape[0]}x{d.shape[1]}, the faster; a copy try: {self.source.nbytes >> 20} MiB")
 
 
 def train_steps(model, optimizer, batches, autocast):
@@ -119,21 +170,12 @@ def cpu_flags():
             f"amx {torch.cpu._is_amx_tile_supported()}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="all-MiniLM-L6-v2")
-    p.add_argument("--steps", type=int, default=15, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    p.add_argument("--data", default=None)
-    args = p.parse_args()
-
-    torch.manual_seed(0)
-    data = load_massive(args.data)
+def compare(args, data, steps, rounds):
+    """minibert against transformers, training and evaluation, in each precision of args.precision."""
     _, folder = resolve(args.model)
     encoder, tokenizer, config = load_pretrained(args.model)
     train = encode(tokenizer, data.train, data.label_ids(data.train), 20)
-    n = args.steps * args.rounds + 3
+    n = steps * rounds + 3
     g = torch.Generator().manual_seed(0)
     batches = {"random": [train.batch(i) for i in batch_order(train, 16, g)[:n]],
                "grouped": [train.batch(i) for i in grouped_by_length(train, 16, g)[:n]],
@@ -156,28 +198,27 @@ def main():
     for model, optimizer, chunk, autocast in systems.values():
         train_steps(model, optimizer, chunk[:3], autocast)  # warm up
     times = {name: [] for name in systems}
-    for r in range(args.rounds):
+    peaks = Peaks(config, args.precision)
+    for r in range(rounds):
+        peaks.measure()
         for name, (model, optimizer, chunk, autocast) in systems.items():
-            part = chunk[3 + r * args.steps: 3 + (r + 1) * args.steps]
+            part = chunk[3 + r * steps: 3 + (r + 1) * steps]
             times[name].append((train_steps(model, optimizer, part, autocast), part))
-
-    peaks = {precision: matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16)
-             for precision in args.precision}
+    peaks.measure()
     print(f"cpu: {cpu_model()}, {platform.machine()}; {cpu_flags()}")
     print(f"training step, {args.model}, batch 16, max length 20, cpu, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, fused AdamW on both sides")
-    print(f"median of {args.rounds} rounds of {args.steps} steps each; matmul peak measured here: "
-          + ", ".join(f"{p} {peak:.0f} GFLOP/s" for p, peak in peaks.items()) + "\n")
+    print(f"median of {rounds} rounds of {steps} steps each; {peaks.describe()}\n")
     reference = None
-    for name, rounds in times.items():
-        seconds, part = sorted(rounds, key=lambda r: r[0] / len(r[1]))[len(rounds) // 2]
+    for name, tried in times.items():
+        seconds, part = sorted(tried, key=lambda r: r[0] / len(r[1]))[len(tried) // 2]
         ms = 1000 * seconds / len(part)
         rate = len(part) * 16 / seconds
         reference = rate if name == f"transformers, {args.precision[0]}" else reference
         precision = name.rsplit(", ", 1)[1]
-        gflops = sum(matmul_flops(config, b) for b in part) / seconds / 1e9
+        gflops = sum(matmul_flops(config, b[0]) for b in part) / seconds / 1e9
         print(f"  {name:<40} {ms:7.1f} ms/step {rate:6.1f} samples/s  {rate / reference:5.2f}x   "
-              f"{gflops:5.1f} GFLOP/s = {100 * gflops / peaks[precision]:3.0f} % of {precision} peak")
+              f"{gflops:5.1f} GFLOP/s = {100 * gflops / peaks.gflops[precision]:3.0f} % of {precision} peak")
 
     dev = encode(tokenizer, data.dev, data.label_ids(data.dev), 20)
     print("\nevaluation, batch 256, sorted by length:")
@@ -188,6 +229,147 @@ def main():
         hf_rate, our_rate = eval_rate(hf, dev, autocast), eval_rate(ours, dev, autocast)
         print(f"  {precision}: transformers {hf_rate:7.1f} samples/s, minibert {our_rate:7.1f} samples/s, "
               f"{our_rate / hf_rate:.2f}x")
+
+
+# ---- where one step's time goes (--profile) ------------------------------------------------------
+
+# An operator's self time goes to the group of the first of itself and its callers that a group
+# names, so that the pointwise work a dropout or a matmul calls (dropout's div_ and mul) counts with
+# it, while a cast or a copy called inside a matmul counts as a cast. Everything else: the rest.
+GROUPS = {
+    "matrix work": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
+    "fills and zeroing": ("aten::zero_", "aten::zeros", "aten::zeros_like"),
+    "copies and casts": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"),
+    "optimizer": ("aten::_fused_adamw_", "Optimizer.step#AdamW.step", "Optimizer.zero_grad#AdamW.zero_grad"),
+    "dropout": ("aten::dropout", "aten::native_dropout", "aten::native_dropout_backward", "aten::bernoulli_"),
+}
+REST = "the rest"
+WARMUP = 2  # steps before the profiled ones: the first pays for allocations and kernel setup
+ADAMW_BYTES = 28  # per fp32 weight, fused AdamW reads weight, gradient, exp_avg, exp_avg_sq (16) and writes three (12)
+
+
+def group_of(event):
+    while event is not None:
+        for group, names in GROUPS.items():
+            if event.name in names:
+                return group
+        event = event.cpu_parent
+    return REST
+
+
+@dataclass
+class Profile:
+    """One precision's profiled steps, per step: every operator's self CPU time by group, the
+    profiler's own total of them, and the work that sets the floors."""
+
+    precision: str
+    steps: int = 0
+    wall_ms: float = 0.0  # the profiled steps' wall time, the profiler's overhead included
+    total_ms: float = 0.0  # the profiler's total self CPU time (key_averages)
+    groups: dict = field(default_factory=lambda: {g: defaultdict(float) for g in (*GROUPS, REST)})  # → {operator: ms}
+    flops: float = 0.0  # the encoder's matmul FLOPs (matmul_flops)
+    weights: int = 0  # fp32 weights the optimizer updates
+
+    def add(self, prof, wall_seconds, steps):
+        self.steps += steps
+        self.wall_ms += 1000 * wall_seconds
+        self.total_ms += sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000
+        for event in prof.events():
+            self.groups[group_of(event)][event.name] += event.self_cpu_time_total / 1000
+
+    def rows(self, peaks):
+        """→ [(group, ms/step, % of the step, floor ms/step or None, how the floor is counted,
+        {operator: ms/step})], the groups in GROUPS' order, then the rest."""
+        peak, copy = peaks.gflops[self.precision], peaks.copy_gbps
+        floors = {"matrix work": (1000 * self.flops / self.steps / (peak * 1e9),
+                                  f"{self.flops / self.steps / 1e9:.2f} GFLOP at {peak:.0f} GFLOP/s"),
+                  "optimizer": (1000 * ADAMW_BYTES * self.weights / (copy * 1e9),
+                                f"{ADAMW_BYTES} B x {self.weights / 1e6:.2f} M weights at {copy:.1f} GB/s")}
+        rows = []
+        for group in (*GROUPS, REST):
+            ops = {name: ms / self.steps for name, ms in self.groups[group].items()}
+            ms = sum(ops.values())
+            rows.append((group, ms, 100 * ms / (self.total_ms / self.steps), *floors.get(group, (None, "")),
+                         dict(sorted(ops.items(), key=lambda kv: -kv[1]))))
+        return rows
+
+
+def where_time_goes(model_name, data, precisions, steps, rounds, max_len=20):
+    """Profile minibert's training step as train.py takes it (the baseline preset: train_step with
+    paper_loss and fused AdamW, batch 16, MASSIVE train batches in train.py's order for seed 0, each
+    padded to its longest sentence) → (Peaks, {precision: Profile}). Each precision has its own
+    model and optimizer; rounds alternate between them, with a try at the peaks before each round
+    and after the last."""
+    config = PRESETS["baseline"].override(model=model_name, max_len=max_len)
+    runs = {}
+    for precision in precisions:
+        model, _, tokenizer = build_models(config, data, rank=0, world=1)
+        runs[precision] = (model, optimizer_for(model, None, config, False, torch.device("cpu")),
+                           autocast_for(precision), Profile(precision))
+    encoder_config = model.encoder.config
+    train = encode(tokenizer, data.train, data.label_ids(data.train), max_len)
+    intents = torch.tensor(data.intent_ids(data.train))
+    order = batch_order(train, config.batch_size, torch.Generator().manual_seed(config.seed * 1000))
+    batches = [Batch(*train.batch(i), intents[i]) for i in order[:WARMUP + steps * rounds]]
+    peaks = Peaks(encoder_config, precisions)
+    for model, optimizer, autocast, result in runs.values():
+        result.weights = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        model.train()
+        for batch in batches[:WARMUP]:
+            train_step(model, optimizer, batch, paper_loss, config.max_grad_norm, autocast)
+    for r in range(rounds):
+        peaks.measure()
+        part = batches[WARMUP + r * steps: WARMUP + (r + 1) * steps]
+        for model, optimizer, autocast, result in runs.values():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                started = time.perf_counter()
+                for batch in part:
+                    train_step(model, optimizer, batch, paper_loss, config.max_grad_norm, autocast)
+                seconds = time.perf_counter() - started
+            result.add(prof, seconds, len(part))
+            result.flops += sum(matmul_flops(encoder_config, b.input_ids) for b in part)
+    peaks.measure()
+    return peaks, {precision: run[3] for precision, run in runs.items()}
+
+
+def print_profile(model_name, peaks, profiles, max_len=20):
+    print(f"cpu: {cpu_model()}, {platform.machine()}; {cpu_flags()}")
+    print(f"minibert's training step (train_step, paper_loss, fused AdamW), {model_name}, batch 16, max length "
+          f"{max_len}, MASSIVE train batches in train.py's order, cpu, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(peaks.describe())
+    print("self CPU time of the step's operators by group; an operator counts with the first of itself and its "
+          "callers that a group names. floor: the group's work at this machine's peak")
+    for result in profiles.values():
+        step = result.total_ms / result.steps
+        print(f"\n{result.precision}: {result.steps} steps after {WARMUP} warm-up, operators' self CPU "
+              f"{step:.1f} ms/step (wall under the profiler {result.wall_ms / result.steps:.1f} ms/step)")
+        print(f"  {'group':<20} {'ms/step':>8} {'share':>7} {'floor ms':>9}  floor counted as; the group's largest "
+              f"operators, ms/step")
+        for group, ms, share, floor, how, ops in result.rows(peaks):
+            largest = ", ".join(f"{name.removeprefix('aten::')} {t:.1f}" for name, t in list(ops.items())[:4])
+            floor = "-" if floor is None else f"{floor:.1f}"
+            print(f"  {group:<20} {ms:8.1f} {share:6.1f} % {floor:>9}  {how + '; ' if how else ''}{largest}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 15; --profile 5)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --profile 2)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--data", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="profile minibert's own step instead: where its time goes, by group of operators")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    data = load_massive(args.data)
+    if args.profile:
+        peaks, profiles = where_time_goes(args.model, data, args.precision, args.steps or 5, args.rounds or 2)
+        print_profile(args.model, peaks, profiles)
+        return
+    compare(args, data, args.steps or 15, args.rounds or 3)
 
 
 if __name__ == "__main__":

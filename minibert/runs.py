@@ -140,15 +140,22 @@ def load_tensors(path):
         raise ValueError(f"{path}: cannot read ({e}); the file is damaged: train the run again") from None
 
 
-def read_json(path):
+def read_record_text(path):
+    """A run folder's text file, with errors that name it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"{path}: missing; is {Path(path).parent} a run folder written by train.py?") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); the file is damaged") from None
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start + 1}); the file is damaged") from None
+
+
+def read_json(path):
+    text = read_record_text(path)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
@@ -236,16 +243,8 @@ def read_results(path, need=(), fix="the file is damaged: restore it, or train t
 
 def read_metrics(path):
     """A run's metrics.jsonl → its rows, one per epoch, each checked as results.json is."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing; is {Path(path).parent} a run folder written by train.py?") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start + 1}); the file is damaged") from None
     rows = []
-    for n, line in enumerate(lines, start=1):
+    for n, line in enumerate(read_record_text(path).split("\n"), start=1):
         if line.strip():
             rows.append(json_object(line, f"{path}:{n}", "a JSON object, one epoch's row"))
             check_fields(rows[-1], EPOCH_FIELDS, f"{path}:{n}", "the file is damaged")

@@ -91,3 +91,44 @@ def test_gpu_profile_sorts_kernels_by_kind():
     assert kind_of("void at::native::reduce_kernel<128, 4, ReduceOp<c10::BFloat16>>") == "reductions"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == "pointwise"
     assert kind_of("something_else") == "other"
+
+
+def test_speed_profile_accounts_for_every_operator_of_the_step(small_massive, monkeypatch, capsys):
+    """lab.speed --profile on the tiny model, 2 steps in each precision: every group is present,
+    holds the kernel that defines it and no other group holds that kernel; the groups add up to
+    the profiler's own total of the step's self time (key_averages, counted apart from the
+    grouping), with no negative time, shares summing to 100 %, and floors for the matrix work and
+    the optimizer; the printed table adds up the same way."""
+    from functools import partial
+
+    from lab import speed
+    from minibert.data import load_massive
+
+    monkeypatch.setattr(speed, "Peaks", partial(speed.Peaks, n=64))  # a small square: a test times no peak
+    model = str(REFERENCE / "tiny_odd")
+    peaks, profiles = speed.where_time_goes(model, load_massive(small_massive), ["fp32", "bf16"], steps=2, rounds=1,
+                                            max_len=16)
+    defining = {"matrix work": "aten::mm", "fills and zeroing": "aten::fill_", "copies and casts": "aten::copy_",
+                "optimizer": "aten::_fused_adamw_", "dropout": "aten::bernoulli_"}
+    for result in profiles.values():
+        rows = result.rows(peaks)
+        assert [row[0] for row in rows] == [*speed.GROUPS, speed.REST]
+        for group, ms, share, floor, _, ops in rows:
+            assert ms >= 0 and share >= 0 and all(t >= 0 for t in ops.values()), group
+            assert (floor is not None and floor > 0) == (group in ("matrix work", "optimizer")), group
+        assert sum(row[1] for row in rows) == pytest.approx(result.total_ms / result.steps, rel=1e-9)
+        assert sum(row[2] for row in rows) == pytest.approx(100)
+        for group, kernel in defining.items():
+            holders = [row[0] for row in rows if kernel in row[5]]
+            assert holders == [group], f"{result.precision}: {kernel} counted in {holders}"
+
+    speed.print_profile(model, peaks, profiles, max_len=16)
+    tables = capsys.readouterr().out.split("\n\n")[1:]
+    assert [table.split(":", 1)[0] for table in tables] == ["fp32", "bf16"]
+    for table in tables:
+        total = float(table.split("operators' self CPU ", 1)[1].split(" ms/step", 1)[0])
+        lines = table.strip().splitlines()[2:]
+        assert [line[2:22].strip() for line in lines] == [*speed.GROUPS, speed.REST]
+        printed = [line[22:].split() for line in lines]  # ms/step, share, %, floor, ...
+        assert sum(float(p[0]) for p in printed) == pytest.approx(total, abs=0.05 * len(lines) + 0.05)
+        assert sum(float(p[1]) for p in printed) == pytest.approx(100, abs=0.05 * len(lines))
