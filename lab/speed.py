@@ -238,7 +238,7 @@ def compare(args, data, steps, rounds):
 # it, while a cast or a copy called inside a matmul counts as a cast. Everything else: the rest.
 GROUPS = {
     "matrix work": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
-    "fills and zeroing": ("aten::zero_", "aten::zeros", "aten::zeros_like"),
+    "fills and zeroing": ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like"),
     "copies and casts": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"),
     "optimizer": ("aten::_fused_adamw_", "Optimizer.step#AdamW.step", "Optimizer.zero_grad#AdamW.zero_grad"),
     "dropout": ("aten::dropout", "aten::native_dropout", "aten::native_dropout_backward", "aten::bernoulli_"),

@@ -427,6 +427,9 @@ def check_out(path, fix, own=lambda entry: False, folder=True):
     command's own: `own(entry)` of each file and folder it holds (of the file itself). Anything
     else is refused before the first write, in one line that names it and ends with `fix`."""
     path = Path(path)
+    under = next((parent for parent in path.parents if parent.exists()), None)
+    if under is not None and not under.is_dir():
+        raise ValueError(f"{path}: {under} is a file, not a folder; {fix}")
     if path.exists() and path.is_dir() != folder:
         raise ValueError(f"{path}: a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}; {fix}")
     held = sorted(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
