@@ -85,29 +85,40 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class Peaks:
     """The best this CPU has shown, on the threads the step uses (torch.get_num_threads()): matmul
-    GFLOP/s per precision, and copy bandwidth (bytes read + written per second).
+    GFLOP/s per precision, and memory bandwidth (bytes read and written per second).
 
-    One measurement can fall on a moment when a neighbour holds the cores, and then a step timed
-    at a quieter moment beats the "peak" (a report showed 120 % of it). So each call of measure()
-    is one more try, called between the timed rounds, and the best try is kept: a busy moment
-    only lowers a try. A matmul try times a 1024 x 1024 square and the step's own feed-forward
-    product, (16 x 20, H) @ (H, I), once each, and keeps the faster: on a CPU that emulates bf16
-    the square is the slower of the two. A copy try copies a 128 MiB tensor, larger than any cache,
-    as the optimizer's passes over the weights are."""
+    One measurement can fall on a moment when a neighbour holds the cores, and then a step timed at
+    a quieter moment beats the "peak" (a report showed 120 % of it). So each call of measure() is
+    one more try, made between the timed rounds, and the best try is kept: a busy moment only
+    lowers a try.
+
+    A matmul try times a 1024 x 1024 square and the products of the step's two feed-forward Linears
+    at 16 x 20 word-pieces as autograd runs them (forward x @ W.T, the input's gradient g @ W, the
+    weight's gradient g.T @ x), each once, and keeps the fastest: a CPU that emulates bf16 runs these
+    layouts at rates up to 10x apart, the square among the slowest. A memory try streams 128 MiB
+    tensors, larger than any cache as the optimizer's passes over the weights are, two ways, and
+    keeps the faster: a copy (one read, one written) and an in-place add (two read, one written in
+    place, as AdamW writes its tensors)."""
 
     def __init__(self, config, precisions, n=1024):
-        shapes = [((n, n), (n, n)), ((16 * 20, config.hidden_size), (config.hidden_size, config.intermediate_size))]
-        self.products = {p: [(torch.randn(*a).to(DTYPES[p]), torch.randn(*b).to(DTYPES[p])) for a, b in shapes]
-                         for p in precisions}
+        M, H, I = 16 * 20, config.hidden_size, config.intermediate_size
+
+        def products(dtype):
+            pairs = [(torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype))]
+            for fan_in, fan_out in ((H, I), (I, H)):
+                x, w, g = (torch.randn(*shape).to(dtype) for shape in ((M, fan_in), (fan_out, fan_in), (M, fan_out)))
+                pairs += [(x, w.t()), (g, w), (g.t(), x)]  # forward, the input's gradient, the weight's
+            return pairs
+
+        self.products = {p: products(DTYPES[p]) for p in precisions}
         self.source = torch.randn(32 * 2 ** 20)
-        self.target = torch.empty_like(self.source)
+        self.target = torch.randn(32 * 2 ** 20)
         self.gflops = dict.fromkeys(precisions, 0.0)
-        self.copy_gbps = 0.0
+        self.memory_gbps = 0.0
         self.tries = 0
         for pairs in self.products.values():  # the first product of a shape pays for its setup
             for a, b in pairs:
                 a @ b
-        self.target.copy_(self.source)
 
     def measure(self):
         for precision, pairs in self.products.items():
@@ -116,19 +127,20 @@ class Peaks:
                 a @ b
                 rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - started) / 1e9
                 self.gflops[precision] = max(self.gflops[precision], rate)
-        started = time.perf_counter()
-        self.target.copy_(self.source)
-        moved = 2 * self.source.nbytes  # read once, written once
-        self.copy_gbps = max(self.copy_gbps, moved / (time.perf_counter() - started) / 1e9)
+        for stream, moved in ((self.target.copy_, 2), (self.target.add_, 3)):  # tensors read + written
+            started = time.perf_counter()
+            stream(self.source)
+            self.memory_gbps = max(self.memory_gbps, moved * self.source.nbytes / (time.perf_counter() - started) / 1e9)
         self.tries += 1
 
     def describe(self):
-        (a, b), (c, d) = self.products[next(iter(self.products))]
-        return ("matmul peak " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in self.gflops.items())
-                + f", copy {self.copy_gbps:.1f} GB/s (read + written); each the best of {self.tries} tries, one "
-                f"before each round and one after the last, on {torch.get_num_threads()} threads; a matmul try: "
-                f"{a.shape[0]}x{a.shape[1]} @ {b.shape[0]}x{b.shape[1]} and {c.shape[0]}x{c.shape[1]} @ "
-                f"{d.shape[0]}x{d.shape[1]}, the faster; a copy try: {self.source.nbytes >> 20} MiB")
+        n = self.products[next(iter(self.products))][0][0].shape[0]
+        return ("matmul peak " + ", ".join(f"{p} {g:.3g} GFLOP/s" for p, g in self.gflops.items())
+                + f", memory {self.memory_gbps:.3g} GB/s (read + written): each the best of {self.tries} tries, one "
+                f"before each round and one after the last, on {torch.get_num_threads()} threads; a matmul try: the "
+                f"fastest of a {n}x{n} square and the feed-forward Linears' forward and backward products at 320 "
+                f"word-pieces; a memory try: the faster of a copy and an in-place add of "
+                f"{self.source.nbytes >> 20} MiB tensors")
 
 
 def train_steps(model, optimizer, batches, autocast):
@@ -234,8 +246,8 @@ def compare(args, data, steps, rounds):
 # ---- where one step's time goes (--profile) ------------------------------------------------------
 
 # An operator's self time goes to the group of the first of itself and its callers that a group
-# names, so that the pointwise work a dropout or a matmul calls (dropout's div_ and mul) counts with
-# it, while a cast or a copy called inside a matmul counts as a cast. Everything else: the rest.
+# names: the pointwise work a dropout calls (its div_ and mul) counts as dropout, while autocast's
+# cast of a weight, called inside the Linear, counts as a cast. Everything else: the rest.
 GROUPS = {
     "matrix work": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
     "fills and zeroing": ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like"),
@@ -280,11 +292,11 @@ class Profile:
     def rows(self, peaks):
         """→ [(group, ms/step, % of the step, floor ms/step or None, how the floor is counted,
         {operator: ms/step})], the groups in GROUPS' order, then the rest."""
-        peak, copy = peaks.gflops[self.precision], peaks.copy_gbps
+        peak, memory = peaks.gflops[self.precision], peaks.memory_gbps
         floors = {"matrix work": (1000 * self.flops / self.steps / (peak * 1e9),
-                                  f"{self.flops / self.steps / 1e9:.2f} GFLOP at {peak:.0f} GFLOP/s"),
-                  "optimizer": (1000 * ADAMW_BYTES * self.weights / (copy * 1e9),
-                                f"{ADAMW_BYTES} B x {self.weights / 1e6:.2f} M weights at {copy:.1f} GB/s")}
+                                  f"{self.flops / self.steps / 1e9:.2f} GFLOP at {peak:.3g} GFLOP/s"),
+                  "optimizer": (1000 * ADAMW_BYTES * self.weights / (memory * 1e9),
+                                f"{ADAMW_BYTES} B x {self.weights / 1e6:.2f} M weights at {memory:.3g} GB/s")}
         rows = []
         for group in (*GROUPS, REST):
             ops = {name: ms / self.steps for name, ms in self.groups[group].items()}

@@ -1,9 +1,9 @@
 """Bugs the rest of the suite let through, and the checks that now catch them.
 
-Each bug below was planted alone in the library code, one at a time, and the whole suite stayed
-green. Every test here was then seen to fail with its bug planted (the code edited, the test run,
-the edit reverted), and to pass without it; its docstring says which bug that was and what the
-check proves.
+Each bug named below was planted alone in the library code, one at a time, and the suite as it
+stood let it through (the one exception is said where it stands). Every test here was then seen
+to fail with its bug planted (the code edited, the test run, the edit reverted), and to pass
+without it; its docstring says which bug that was and what the check proves.
 
 The checks go through what a user or another module calls: train.main on the tiny reference
 BERT, with its records (metrics.jsonl, results.json, the saved weights), and the minibert modules'
@@ -133,7 +133,8 @@ def test_each_epoch_draws_its_own_shuffle(bucket, tiny_model, numbered_massive, 
     """Planted: the epoch's shuffle seeded by the run's seed alone (not the epoch), so every epoch
     trains on the same batches in the same order. Each of three epochs, as the classifier saw
     them, holds every train sentence exactly once, in 96 = 4 · 20 + 16 sentences (the last batch
-    short), and no two epochs share the same batches."""
+    short), and no two epochs share the same batches. It catches as well an epoch that leaves out
+    its short last batch."""
     seen = Classifier(monkeypatch.setattr)
     train.main(tiny_args(tiny_model, numbered_massive, tmp_path / "run", "--epochs", "3", "--batch-size", "20",
                          bucket))
@@ -216,10 +217,10 @@ def test_two_processes_share_the_batches_of_one(tiny_model, numbered_massive, tm
 
 @pytest.mark.parametrize("flags", [[], ["--supervise", "both"]], ids=["labels", "supervise-both"])
 def test_clipping_bounds_every_r_drop_step(flags, tiny_model, small_massive, tmp_path, monkeypatch):
-    """Planted: the clip skipped when R-Drop is on (`if max_grad_norm and not rdrop`). With --rdrop
-    and --max-grad-norm 1e-3, far below the gradient's own norm (~0.1-1 here), the gradient every
-    AdamW step applies has norm 1e-3 (torch scales by max_norm / (norm + 1e-6): within 1e-6
-    relative); unclipped, it would be the raw norm."""
+    """Planted: the clip turned off when R-Drop is on (the step handed a bound of 0 with --rdrop).
+    With --rdrop and --max-grad-norm 1e-3, far below the gradient's own norm (3 to 4 here), the
+    gradient every AdamW step applies has norm 1e-3 (torch scales by max_norm / (norm + 1e-6):
+    within 1e-6 relative); unclipped, it would be the raw norm."""
     steps = Steps(monkeypatch)
     train.main(tiny_args(tiny_model, small_massive, tmp_path / "run", "--epochs", "1", "--lr", "1e-3", "--rdrop", "1",
                          "--drop-rate", "0.5", "--max-grad-norm", "1e-3", *flags))
@@ -263,7 +264,8 @@ def test_each_step_applies_its_own_batch_gradient(tiny_model, small_massive, tmp
     the sum of every gradient so far. One batch of all 96 sentences per epoch and a rate of 1e-12
     (the weights move by ~1e-12): the two epochs' steps see the same loss on the same weights,
     and apply gradients of the same norm, to float rounding (measured: 1e-7 relative); summed,
-    the second would be twice the first."""
+    the second would be twice the first. (Before this check only the fp16-against-fp32 comparison
+    saw the bug, and only because fp16 zeroes the gradient in a step of its own.)"""
     steps = Steps(monkeypatch)
     train.main(tiny_args(tiny_model, small_massive, tmp_path / "run", "--epochs", "2", "--batch-size", "96",
                          "--lr", "1e-12", "--drop-rate", "0"))
@@ -273,12 +275,13 @@ def test_each_step_applies_its_own_batch_gradient(tiny_model, small_massive, tmp
 
 def test_the_epoch_figures_count_the_short_last_batch_as_its_own_mean(tiny_model, numbered_massive, tmp_path,
                                                                       monkeypatch):
-    """Planted: every batch's loss divided by --batch-size, the short last one included (16
-    sentences whose summed loss is divided by 20). At a rate of 1e-12 the weights stay where they
-    started, so the epoch's train loss is the mean over its batches of each batch's mean
-    cross-entropy, and its train accuracy the share of the 96 sentences the model gets right:
-    both recomputed here, from the batches the classifier saw and the weights the run saved
-    (fp32: agreement to 1e-5 relative; the planted bug moves the loss by ~4 %)."""
+    """Planted: the epoch's train loss taken as if every batch were full (the sum of the batch means
+    times --batch-size, over the sentences), which weighs the short last batch, 16 sentences of a
+    --batch-size of 20, as 20. At a rate of 1e-12 the weights stay where they started, so the
+    epoch's train loss is the mean over its batches of each batch's mean cross-entropy, and its
+    train accuracy the share of the 96 sentences the model gets right: both recomputed here, from
+    the batches the classifier saw and the weights the run saved (fp32: agreement to 1e-5
+    relative; the planted bug moves the loss by 4 %)."""
     seen = Classifier(monkeypatch.setattr)
     run = train.main(tiny_args(tiny_model, numbered_massive, tmp_path / "run", "--epochs", "1", "--batch-size", "20",
                                "--lr", "1e-12", "--drop-rate", "0", "--no-test"))
@@ -317,7 +320,8 @@ def test_warmup_ratio_is_a_share_of_the_whole_run(scheduler, stage1, tiny_model,
     96 / 12 = 8 steps with --warmup-ratio 0.25: the rate of each of the 16 classifier steps, read at
     AdamW's step, warms up over 4 steps (not 2) and then decays to 0 at step 16, linearly or along
     half a cosine (the formulas written out here; transformers' schedules). A contrastive stage
-    runs at the peak rate, and the classifier's warmup counts its own steps only."""
+    runs at the peak rate, and the classifier's warmup counts its own steps only. A schedule that
+    reaches 0 a step after the run's last step fails it too."""
     steps = Steps(monkeypatch)
     train.main(tiny_args(tiny_model, small_massive, tmp_path / "run", "--epochs", "2", "--batch-size", "12",
                          "--lr", str(LR), "--scheduler", scheduler, "--warmup-ratio", "0.25", "--no-test", *stage1))
@@ -339,7 +343,8 @@ def test_warmup_ratio_rounds_to_the_nearest_step():
 def test_layer_decay_leaves_the_contrastive_stage_at_one_rate(tiny_model, small_massive, tmp_path, monkeypatch):
     """Planted: --layer-decay's groups applied in the contrastive stage too (its help says: the
     classifier stage). Stage 1 trains every weight at --lr; the classifier's groups run at lr times
-    decay^k, from the head (k = 0) down to the embeddings (k = layers + 1)."""
+    decay^k, from the head (k = 0) down to the embeddings (k = layers + 1), as every AdamW step
+    applies them (a group's scale left out of its rate fails it too)."""
     steps = Steps(monkeypatch)
     train.main(tiny_args(tiny_model, small_massive, tmp_path / "run", "--loss", "supcon", "--contrastive-epochs", "1",
                          "--epochs", "1", "--layer-decay", "0.5", "--lr", str(LR), "--no-test"))
@@ -357,7 +362,8 @@ def test_the_swa_model_is_the_mean_of_the_averaged_epochs(tiny_model, small_mass
     """Planted: the average never copied into the model at the end, so the last epoch's weights are
     evaluated and saved as the SWA model. --swa-start 0 over 3 epochs averages after epochs 2 and 3
     (torch's loop: epoch > int(0 · 3), 0-based): the saved weights are the mean of the weights the
-    classifier had at those epochs' ends (float32 running mean: within 1e-6), and not the last."""
+    classifier had at those epochs' ends (float32 running mean: within 1e-6), and not the last.
+    Averaging one epoch early fails it too."""
     seen = Classifier(monkeypatch.setattr)
     run = train.main(tiny_args(tiny_model, small_massive, tmp_path / "run", "--experiment", "swa", "--swa-start", "0",
                                "--epochs", "3", "--lr", "1e-2", "--drop-rate", "0.1", "--no-test"))
@@ -419,8 +425,9 @@ def test_the_stage1_record_is_each_splits_own_loss(loss, tiny_model, numbered_ma
     epochs, then a probe (which keeps stage 1's encoder as it was): the recorded dev and test
     contrastive losses are those of each split, recomputed here from the saved encoder and
     projection head, in the paper's batches of 16, with the labels for SupCon and without for
-    SimCLR, at --temperature 0.2; the record is the last contrastive epoch's. In fp32 they agree
-    to 1e-5 relative, and dev's and test's differ by far more."""
+    SimCLR, at --temperature 0.2. In fp32 they agree to 1e-5 relative, and dev's and test's differ
+    by far more. It catches as well a record taken from the first contrastive epoch instead of the
+    last, and SupCon's record computed without its labels (or SimCLR's with them)."""
     run = train.main(tiny_args(tiny_model, numbered_massive, tmp_path / "run", "--loss", loss, "--contrastive-epochs",
                                "2", "--epochs", "1", "--lr", "1e-3", *CONTRASTIVE))
     contrastive, tokenizer = contrastive_of(run)
