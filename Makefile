@@ -60,7 +60,7 @@ RUN = $(PY) train.py --model $(MODEL) --epochs $(EPOCHS) --seed $(SEED) --device
 EXPERIMENTS := baseline scheduler swa both lora20 lora30 supcon simclr simclr-swa-cosine supcon-swa-cosine \
 	search best lora20-tuned lora30-tuned
 
-.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds lora-seeds variant-seeds bucketing precision readme-results tune bench bench-gpu
+.PHONY: zeroshot $(EXPERIMENTS) paper best-seeds lora-seeds variant-seeds bucketing precision readme-results tune bench profile bench-gpu
 zeroshot: install data
 	$(PY) evaluate.py --zero-shot --model $(MODEL) --seed $(SEED)
 
@@ -124,6 +124,9 @@ tune: install data
 # Training and evaluation speed against transformers, side by side in one process.
 bench: install data
 	$(PY) -m lab.speed
+# Where the time of one CPU training step goes: its operators by group, beside each group's floor.
+profile: install data
+	$(PY) -m lab.speed --profile
 # The same on a CUDA GPU: bert-base shapes, random weights; transformers compiled, peft LoRA, minibert
 # eager and fast (CUDA graph, fused QKV, compiled layers), and a profile of the fast step by kernel kind.
 bench-gpu: install
