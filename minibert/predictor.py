@@ -25,18 +25,9 @@ class TrainedRun:
         probabilities on the CPU. The sentences go through `batch_size` at a time, each batch padded
         to its longest sentence, in fp32 on the run's device. A sentence that is not a string is a
         TypeError, a blank one a ValueError, as on the command line."""
-        if isinstance(sentences, (str, bytes)) or not hasattr(sentences, "__iter__"):
-            raise TypeError(f"predict takes a list of sentences, not {type(sentences).__name__}; wrap one sentence "
-                            "in a list")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size {batch_size!r}: must be a whole number of at least 1")
-        sentences = list(sentences)
-        for i, sentence in enumerate(sentences):
-            if not isinstance(sentence, str):
-                raise TypeError(f"sentence {i} is {type(sentence).__name__} {sentence!r:.40}, not a string; pass "
-                                "the text of each sentence")
-            if not sentence.strip():
-                raise ValueError(f"sentence {i} is {sentence!r:.40}: blank; give the text to classify, or leave it out")
+        sentences = checked_sentences(sentences)
         probabilities = [torch.empty(0, len(self.labels))]
         for start in range(0, len(sentences), batch_size):
             input_ids, attention_mask = self.tokenizer(sentences[start:start + batch_size],
@@ -51,3 +42,19 @@ def load_run(run_dir, device="auto"):
     """The run folder train.py wrote → a TrainedRun on `device` (auto: cuda, then mps, then cpu)."""
     model, tokenizer, meta = load_model(run_dir)
     return TrainedRun(model, tokenizer, meta, pick_device(device))
+
+
+def checked_sentences(sentences):
+    """`sentences` as a list of strings, none blank; else a TypeError or ValueError that names the
+    first one that is not."""
+    if isinstance(sentences, (str, bytes)) or not hasattr(sentences, "__iter__"):
+        raise TypeError(f"predict takes a list of sentences, not {type(sentences).__name__}; wrap one sentence "
+                        "in a list")
+    sentences = list(sentences)
+    for i, sentence in enumerate(sentences):
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentence {i} is {type(sentence).__name__} {sentence!r:.40}, not a string; pass "
+                            "the text of each sentence")
+        if not sentence.strip():
+            raise ValueError(f"sentence {i} is {sentence!r:.40}: blank; give the text to classify, or leave it out")
+    return sentences

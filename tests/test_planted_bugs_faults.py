@@ -11,7 +11,7 @@ import pytest
 
 import evaluate
 from lab import tune
-from minibert import runs
+from minibert import predictor, runs
 from minibert.experiments import FIELDS, MAX_SEED, TrainConfig
 from tests import test_bad_input, test_faults
 from tests.test_bad_input import (BAD_COMBINATIONS, BAD_NUMBERS, FINISHED, nothing_loads,  # a fixture, by name
@@ -182,9 +182,11 @@ def test_empty_sentence_check_catches(sentence, nothing_loads, tmp_path, capsys,
 
 
 def test_blank_file_check_catches_blank_lines_kept(tmp_path, capsys, monkeypatch):
-    """Every line kept, blank ones too: a blank file is classified, line by line, as nothing."""
+    """Every line kept, blank ones too, and the predictor's own refusal of blank sentences gone: a
+    blank file is classified, line by line, as nothing."""
     run = write_run(tmp_path / "run", ("alarm", "audio"), "scenario")
     monkeypatch.setattr(evaluate, "read_sentences", lambda path: Path(path).read_text().splitlines())
+    monkeypatch.setattr(predictor, "checked_sentences", list)
     (tmp_path / "blank.txt").write_text("\n  \n\t\n")
     with pytest.raises(AssertionError):
         one_line_exit(evaluate.main, [str(run), "--predict-file", str(tmp_path / "blank.txt")], capsys)
