@@ -203,30 +203,31 @@ def test_resume_with_other_hyperparameters_is_refused(small_massive, minilm_dir,
 
 
 @pytest.mark.parametrize("started_on, resumed_on", [("fp32-only", "native-bf16"), ("native-bf16", "fp32-only")])
-def test_resume_with_other_precision_or_processes_is_refused(started_on, resumed_on, small_massive, minilm_dir,
-                                                             tmp_path, monkeypatch):
+def test_resume_with_other_precision_or_processes_is_refused(started_on, resumed_on, small_massive, tmp_path,
+                                                             monkeypatch):
     """A run started with the default precision on one kind of CPU, resumed with the same flags on
     the other kind, where the default differs: refused, with the flag that resumes it."""
     started, other = ("fp32", "bf16") if started_on == "fp32-only" else ("bf16", "fp32")
+    out = tmp_path / "run"
     stop_after_first_epoch(monkeypatch)
     cpu.answer_as(started_on, monkeypatch)
     with pytest.raises(SystemExit, match="interrupted"):
-        train.main(args(small_massive, tmp_path))
+        train.main(tiny(small_massive, out, "--epochs", "3"))
     monkeypatch.undo()
     with pytest.raises(SystemExit, match=f"trained with precision {started}, not {other}"):
-        train.main(args(small_massive, tmp_path, "--resume", "--precision", other))
+        train.main(tiny(small_massive, out, "--epochs", "3", "--resume", "--precision", other))
     cpu.answer_as(resumed_on, monkeypatch)
     with pytest.raises(SystemExit, match=f"trained with precision {started}, not {other}; pass --precision {started} "
                                          "to resume"):
-        train.main(args(small_massive, tmp_path, "--resume"))
+        train.main(tiny(small_massive, out, "--epochs", "3", "--resume"))
     monkeypatch.undo()
     from minibert.runs import checkpoint_state, load_tensors, save_tensors
 
-    tensors, _ = load_tensors(tmp_path / "checkpoint.safetensors")
-    state = checkpoint_state(tmp_path / "checkpoint.safetensors")
-    save_tensors(tmp_path / "checkpoint.safetensors", tensors, {"state": json.dumps({**state, "processes": 2})})
+    tensors, _ = load_tensors(out / "checkpoint.safetensors")
+    state = checkpoint_state(out / "checkpoint.safetensors")
+    save_tensors(out / "checkpoint.safetensors", tensors, {"state": json.dumps({**state, "processes": 2})})
     with pytest.raises(SystemExit, match="trained with processes 2, not 1"):
-        train.main(args(small_massive, tmp_path, "--resume", "--precision", started))
+        train.main(tiny(small_massive, out, "--epochs", "3", "--resume", "--precision", started))
 
 
 def stop_after_first_epoch(monkeypatch):
