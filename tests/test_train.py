@@ -544,7 +544,7 @@ def test_report_compares_two_arms_of_one_recipe(tmp_path):
     ("another precision", {"precision": "bf16"}, r"differ in precision \('fp32', 'bf16'\)"),
     ("the fast path", {"fast": "cuda graph"}, r"differ in fast \(None, 'cuda graph'\)"),
     ("a seed twice", {"bucket": False}, r"baseline with bucket False: seed 1 twice"),
-    ("no dev figure", {"dev": None}, r"other/baseline-s1/results.json: no dev; not a finished run's record"),
+    ("no dev figure", {"dev": None}, r"other/baseline-s1/results.json: no dev\.accuracy; not a finished run's record"),
 ])
 def test_report_refuses_arms_that_differ_in_more(tmp_path, case, other, match):
     """Two arms that differ in more than the setting, or an arm that holds a run twice, are no
