@@ -43,6 +43,7 @@ from minibert.swa import WeightAverage
 from minibert.tokenizer import Tokenizer
 from minibert.training import (Batch, build_models, dropout_seed, fp16_step, learner_for, loss_for, optimizer_for,
                                set_learning_rate, train_step)
+from minibert.word_gradient import keep_word_gradient
 
 
 def parse_args(argv=None):
@@ -157,6 +158,8 @@ def setup(args):
     trained = nn.ModuleDict({"classifier": model, **({"contrastive": contrastive} if contrastive else {})}).to(device)
     if fast and device.type == "cuda":
         for_the_graph(model.encoder, compile=compiled)  # fewer, larger kernels for the recorded step
+    if device.type == "cpu" and world == 1:
+        keep_word_gradient(model.encoder)  # the same gradient, not a fresh 30,522-row tensor a step
     learner = learner_for(model, config.stage2, world)
     splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name)),
                            config.max_len) for name in ("train", "dev", "test")}

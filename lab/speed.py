@@ -13,13 +13,20 @@ grouping is compared like with like: transformers on batches grouped as Trainer'
 `group_by_length` groups them (megabatches of 50 batches sorted by length), minibert on its
 `--bucket` batches. Each precision (fp32, bf16 autocast) is its own comparison.
 
-Rounds alternate between the systems so that a noisy neighbour slows all of them alike; the
-median round is reported. Each training row also prints the matmul work it achieved (GFLOP/s)
-beside the machine's matmul peak measured here (Peaks), so the distance to the limit shows.
+minibert runs as train.py runs it on the CPU, its word embedding's gradient kept from step to step
+(minibert/word_gradient.py); the row "minibert, dense word gradient" runs it without, so the cut
+is measured on its own, in the same run.
+
+Rounds alternate between the systems so that a noisy neighbour slows all of them alike. A row
+prints its median round's time, and its ratio to transformers round by round: the median and the
+spread over the rounds (on a shared machine a few rounds do not pin a ratio). Each training row
+also prints the matmul work it achieved (GFLOP/s) beside the machine's matmul peak measured here
+(Peaks), so the distance to the limit shows.
 
 --profile takes minibert's own step as train.py takes it (the baseline preset: training.train_step
-with paper_loss, fused AdamW) under torch.profiler, and prints per precision where its operators'
-self CPU time goes, in groups (GROUPS), each beside the floor this machine's peaks set for it.
+with paper_loss, fused AdamW, the kept word gradient) under torch.profiler, and prints per
+precision where its operators' self CPU time goes, in groups (GROUPS), each beside the floor this
+machine's peaks set for it.
 """
 
 import argparse
@@ -29,6 +36,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +49,7 @@ from minibert.device import cpu_model
 from minibert.experiments import PRESETS
 from minibert.training import Batch, build_models, optimizer_for, paper_loss, train_step
 from minibert.weights import load_pretrained, resolve
+from minibert.word_gradient import keep_word_gradient
 
 
 class TransformersClassifier(nn.Module):
@@ -193,12 +202,16 @@ def compare(args, data, steps, rounds):
                "grouped": [train.batch(i) for i in grouped_by_length(train, 16, g)[:n]],
                "bucketed": [train.batch(i) for i in batch_order(train, 16, g, bucket=True)[:n]]}
 
-    def minibert():
-        return ScenarioClassifier(load_pretrained(args.model)[0], 18)
+    def minibert(cuts=True):
+        model = ScenarioClassifier(load_pretrained(args.model)[0], 18)
+        if cuts:  # as train.py runs it on the CPU
+            keep_word_gradient(model.encoder)
+        return model
 
     # name → (model factory, batches); the first of each precision is that precision's reference.
     plan = {"transformers": (lambda: TransformersClassifier(folder, 18), "random"),
             "minibert": (minibert, "random"),
+            "minibert, dense word gradient": (lambda: minibert(cuts=False), "random"),
             "transformers, grouped by length": (lambda: TransformersClassifier(folder, 18), "grouped"),
             "minibert, bucketed": (minibert, "bucketed")}
     systems = {}
@@ -209,7 +222,7 @@ def compare(args, data, steps, rounds):
             systems[f"{name}, {precision}"] = (model, optimizer, batches[kind], autocast_for(precision))
     for model, optimizer, chunk, autocast in systems.values():
         train_steps(model, optimizer, chunk[:3], autocast)  # warm up
-    times = {name: [] for name in systems}
+    times = {name: [] for name in systems}  # → [(seconds, batches)], one a round
     peaks = Peaks(config, args.precision)
     for r in range(rounds):
         peaks.measure()
@@ -220,16 +233,17 @@ def compare(args, data, steps, rounds):
     print(f"cpu: {cpu_model()}, {platform.machine()}; {cpu_flags()}")
     print(f"training step, {args.model}, batch 16, max length 20, cpu, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, fused AdamW on both sides")
-    print(f"median of {rounds} rounds of {steps} steps each; {peaks.describe()}\n")
-    reference = None
+    print(f"{rounds} rounds of {steps} steps each: ms/step of the median round; the ratio against transformers "
+          f"in the same precision, round by round (the median, then the lowest and highest); {peaks.describe()}\n")
     for name, tried in times.items():
-        seconds, part = sorted(tried, key=lambda r: r[0] / len(r[1]))[len(tried) // 2]
-        ms = 1000 * seconds / len(part)
-        rate = len(part) * 16 / seconds
-        reference = rate if name == f"transformers, {args.precision[0]}" else reference
         precision = name.rsplit(", ", 1)[1]
+        reference = times[f"transformers, {precision}"]
+        ratios = sorted(ref / seconds for (seconds, _), (ref, _) in zip(tried, reference))
+        seconds, part = sorted(tried, key=lambda r: r[0])[len(tried) // 2]
+        ms = 1000 * seconds / len(part)
         gflops = sum(matmul_flops(config, b[0]) for b in part) / seconds / 1e9
-        print(f"  {name:<40} {ms:7.1f} ms/step {rate:6.1f} samples/s  {rate / reference:5.2f}x   "
+        print(f"  {name:<42} {ms:7.1f} ms/step {len(part) * 16 / seconds:6.1f} samples/s  "
+              f"{median(ratios):5.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]  "
               f"{gflops:5.1f} GFLOP/s = {100 * gflops / peaks.gflops[precision]:3.0f} % of {precision} peak")
 
     dev = encode(tokenizer, data.dev, data.label_ids(data.dev), 20)
@@ -316,6 +330,7 @@ def where_time_goes(model_name, data, precisions, steps, rounds, max_len=20):
     runs = {}
     for precision in precisions:
         model, _, tokenizer = build_models(config, data, rank=0, world=1)
+        keep_word_gradient(model.encoder)  # as train.py does on the CPU
         runs[precision] = (model, optimizer_for(model, None, config, False, torch.device("cpu")),
                            autocast_for(precision), Profile(precision))
     encoder_config = model.encoder.config
