@@ -176,6 +176,13 @@ def eval_rate(model, encoded, autocast, batch_size=256, n=2048):
     return len(index) / (time.perf_counter() - started)
 
 
+def ratio(reference, tried):
+    """How many times faster than `reference` the `tried` rounds ran, round by round (each
+    [(seconds, batches)], one a round, in the same order) → "median x [lowest-highest]"."""
+    ratios = sorted(ref / seconds for (seconds, _), (ref, _) in zip(tried, reference))
+    return f"{median(ratios):5.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
+
+
 def autocast_for(precision):
     return nullcontext if precision == "fp32" else lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -237,14 +244,15 @@ def compare(args, data, steps, rounds):
           f"in the same precision, round by round (the median, then the lowest and highest); {peaks.describe()}\n")
     for name, tried in times.items():
         precision = name.rsplit(", ", 1)[1]
-        reference = times[f"transformers, {precision}"]
-        ratios = sorted(ref / seconds for (seconds, _), (ref, _) in zip(tried, reference))
         seconds, part = sorted(tried, key=lambda r: r[0])[len(tried) // 2]
         ms = 1000 * seconds / len(part)
         gflops = sum(matmul_flops(config, b[0]) for b in part) / seconds / 1e9
         print(f"  {name:<42} {ms:7.1f} ms/step {len(part) * 16 / seconds:6.1f} samples/s  "
-              f"{median(ratios):5.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]  "
+              f"{ratio(times[f'transformers, {precision}'], tried)}  "
               f"{gflops:5.1f} GFLOP/s = {100 * gflops / peaks.gflops[precision]:3.0f} % of {precision} peak")
+    for precision in args.precision:
+        print(f"  the kept word gradient's own gain, {precision}: minibert against its dense-gradient self, round by "
+              f"round, {ratio(times[f'minibert, dense word gradient, {precision}'], times[f'minibert, {precision}'])}")
 
     dev = encode(tokenizer, data.dev, data.label_ids(data.dev), 20)
     print("\nevaluation, batch 256, sorted by length:")

@@ -132,3 +132,28 @@ def test_speed_profile_accounts_for_every_operator_of_the_step(small_massive, mo
         printed = [line[22:].split() for line in lines]  # ms/step, share, %, floor, ...
         assert sum(float(p[0]) for p in printed) == pytest.approx(total, abs=0.05 * len(lines) + 0.05)
         assert sum(float(p[1]) for p in printed) == pytest.approx(100, abs=0.05 * len(lines))
+
+
+def test_speed_compares_every_system_round_by_round(small_massive, transformers, monkeypatch, capsys):
+    """lab.speed's side-by-side on the tiny model, fp32, 2 rounds of 1 step: a row for each system,
+    each with a ratio to transformers that is its median over the rounds, inside its printed
+    spread (transformers' own: 1.00x exactly), and the kept word gradient's own gain."""
+    from argparse import Namespace
+    from functools import partial
+
+    from lab import speed
+    from minibert.data import load_massive
+
+    monkeypatch.setattr(speed, "Peaks", partial(speed.Peaks, n=64))
+    args = Namespace(model=str(REFERENCE / "tiny_odd"), precision=["fp32"])
+    speed.compare(args, load_massive(small_massive), steps=1, rounds=2)
+    out = capsys.readouterr().out
+    rows = {line[2:44].strip(): line[44:] for line in out.splitlines() if line.startswith("  ") and " ms/step " in line}
+    assert list(rows) == ["transformers, fp32", "minibert, fp32", "minibert, dense word gradient, fp32",
+                          "transformers, grouped by length, fp32", "minibert, bucketed, fp32"]
+    for name, row in rows.items():
+        ratio, spread = row.split("x [", 1)
+        low, high = (float(x) for x in spread.split("]", 1)[0].split("-"))
+        assert low <= float(ratio.split()[-1]) <= high, name
+    assert "1.00x [1.00-1.00]" in rows["transformers, fp32"]
+    assert "the kept word gradient's own gain, fp32: " in out
