@@ -2,7 +2,7 @@
 dense one: the same losses and the same weights, bit for bit in fp32, in each way a step can use
 it (one lookup, R-Drop's doubled batch, SupCon's two views, clipping that scales it in place,
 another writer), and through train.py. And it does what it is for: after the first step no
-operator fills the whole (V, H) gradient. Each check fails for the bug named under it."""
+operator fills the whole (V, H) gradient. Each check fails for the bugs planted at the end (PLANTED)."""
 
 import json
 from functools import partial
