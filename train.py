@@ -159,7 +159,7 @@ def setup(args):
     if fast and device.type == "cuda":
         for_the_graph(model.encoder, compile=compiled)  # fewer, larger kernels for the recorded step
     if device.type == "cpu" and world == 1:
-        keep_word_gradient(model.encoder)  # the same gradient, not a fresh 30,522-row tensor a step
+        keep_word_gradient(model.encoder)  # the same gradient, not a fresh vocabulary-sized tensor a step
     learner = learner_for(model, config.stage2, world)
     splits = {name: encode(tokenizer, data.split(name), data.label_ids(data.split(name)),
                            config.max_len) for name in ("train", "dev", "test")}
